@@ -1,0 +1,106 @@
+"""Running the network over the axial slices: device choice, batching, mixed precision, OOM recovery."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Callable
+
+import torch
+
+from .model import ModelCard
+from .preprocessing import SliceGrid, slice_stack, to_slice_grid
+
+log = logging.getLogger(__name__)
+ProgressCallback = Callable[[int, int], None]
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """CUDA, then MPS, then CPU; an explicit request that the machine cannot honour is an error."""
+    from .errors import LiverSegInputError
+
+    if requested not in DEVICES:
+        raise LiverSegInputError(f"unknown device '{requested}', choose one of {', '.join(DEVICES)}")
+    cuda_ok = torch.cuda.is_available()
+    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        return torch.device("cuda" if cuda_ok else "mps" if mps_ok else "cpu")
+    if requested == "cuda" and not cuda_ok:
+        raise LiverSegInputError("--device cuda was asked for but no CUDA GPU is available (torch sees none)")
+    if requested == "mps" and not mps_ok:
+        raise LiverSegInputError("--device mps was asked for but Apple MPS is not available")
+    return torch.device(requested)
+
+
+def default_batch_size(device: torch.device, card: ModelCard) -> int:
+    """Slices per batch: bounded by free GPU memory (≈6 MB per 128² slice under autocast), 16 on CPU."""
+    if device.type != "cuda":
+        return 16
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    per_slice_bytes = 6e6 * (card.input_size / 128) ** 2
+    return int(max(1, min(512, 0.5 * free_bytes // per_slice_bytes)))
+
+
+def _forward(network: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.float16):
+            return torch.sigmoid(network(batch).float())
+    return torch.sigmoid(network(batch))
+
+
+def predict_probabilities(
+    network: torch.nn.Module,
+    volume: torch.Tensor,
+    card: ModelCard,
+    device: torch.device,
+    batch_size: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[torch.Tensor, torch.device]:
+    """Sigmoid probabilities (Z, channels, n, n) on the model grid, float32 on the CPU.
+
+    CUDA out-of-memory halves the batch and retries; at batch 1 it falls back to the CPU with a
+    warning. Returns the device that actually did the work.
+    """
+    batch_size = batch_size or default_batch_size(device, card)
+    total = volume.shape[0]
+    network = network.to(device).eval()
+    volume_on_device = volume.to(device)
+    output = torch.empty((total, len(card.channels), volume.shape[1], volume.shape[2]), dtype=torch.float32)
+    start = 0
+    with torch.inference_mode():
+        while start < total:
+            indices = torch.arange(start, min(start + batch_size, total), device=device)
+            try:
+                probabilities = _forward(network, slice_stack(volume_on_device, indices, card.context_slices), device)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if batch_size > 1:
+                    batch_size //= 2
+                    log.warning("CUDA out of memory: retrying with batch size %d", batch_size)
+                    continue
+                warnings.warn("CUDA out of memory even at batch size 1: falling back to the CPU", RuntimeWarning)
+                device = torch.device("cpu")
+                network = network.to(device)
+                volume_on_device = volume.to(device)
+                batch_size = default_batch_size(device, card)
+                continue
+            output[start : start + len(indices)] = probabilities.float().cpu()
+            start += len(indices)
+            if progress is not None:
+                progress(start, total)
+    return output, device
+
+
+def probabilities_to_masks(
+    probabilities: torch.Tensor, grid: SliceGrid, threshold: float, chunk_slices: int = 16
+) -> torch.Tensor:
+    """(Z, channels, n, n) model-grid probabilities → (Z, channels, rows, cols) bool masks on the slice grid.
+
+    Works in chunks so that full-resolution float maps never exist for the whole volume at once.
+    """
+    masks = torch.empty((probabilities.shape[0], probabilities.shape[1], grid.rows, grid.cols), dtype=torch.bool)
+    for start in range(0, probabilities.shape[0], chunk_slices):
+        chunk = probabilities[start : start + chunk_slices]
+        masks[start : start + len(chunk)] = to_slice_grid(chunk, grid) >= threshold
+    return masks

@@ -1,0 +1,138 @@
+"""The network and its model card: a segmentation-models-pytorch U-Net plus a JSON card.
+
+The card is the single schema for a model (architecture, input, window, classes, SHA-256 of the
+weights, training data and licences, the training command and the cross-validated figures). The
+engine refuses weights whose hash does not match their card, so a tampered or truncated file never
+segments anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelIntegrityError
+
+CARD_SCHEMA_VERSION = 1
+CHANNEL_NAMES = ("liver", "liver_lesion")
+BUNDLED_CARD = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "liverseg.json"
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild, verify and judge a model; saved as JSON beside the weights."""
+
+    name: str = "liverseg-unet-resnet18"
+    version: str = "0.0.0"
+    architecture: str = "Unet"
+    encoder: str = "resnet18"
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)
+    input_size: int = 128
+    context_slices: int = 1
+    window_hu: tuple[float, float] = (-200.0, 300.0)
+    channels: tuple[str, ...] = CHANNEL_NAMES
+    threshold: float = 0.5
+    lesions_validated: bool = False
+    weights_file: str = "liverseg.safetensors"
+    weights_sha256: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = CARD_SCHEMA_VERSION
+
+    @property
+    def in_channels(self) -> int:
+        return 2 * self.context_slices + 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        if data.get("schema_version") != CARD_SCHEMA_VERSION:
+            raise ModelIntegrityError(f"model card schema {data.get('schema_version')} is not {CARD_SCHEMA_VERSION}")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ModelIntegrityError(f"model card has unknown fields: {', '.join(sorted(unknown))}")
+        card = cls(**data)
+        card.decoder_channels = tuple(card.decoder_channels)
+        card.window_hu = tuple(card.window_hu)  # type: ignore[assignment]
+        card.channels = tuple(card.channels)
+        return card
+
+
+def read_card(card_path: str | Path = BUNDLED_CARD) -> ModelCard:
+    card_path = Path(card_path)
+    try:
+        data = json.loads(card_path.read_text())
+    except FileNotFoundError:
+        raise ModelIntegrityError(f"model card not found: {card_path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelIntegrityError(f"model card {card_path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ModelIntegrityError(f"model card {card_path} is not a JSON object")
+    return ModelCard.from_dict(data)
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_network(card: ModelCard):
+    """A randomly initialised U-Net of the card's shape (never downloads encoder weights)."""
+    import segmentation_models_pytorch as smp
+
+    network_class = getattr(smp, card.architecture)
+    return network_class(
+        encoder_name=card.encoder,
+        encoder_weights=None,
+        in_channels=card.in_channels,
+        classes=len(card.channels),
+        decoder_channels=tuple(card.decoder_channels),
+    )
+
+
+def load_model(card_path: str | Path = BUNDLED_CARD):
+    """(card, network in eval mode on the CPU) after checking the weights' SHA-256 against the card."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    card_path = Path(card_path)
+    card = read_card(card_path)
+    weights_path = card_path.parent / card.weights_file
+    if not weights_path.is_file():
+        raise ModelIntegrityError(f"model weights not found: {weights_path}")
+    actual = sha256_of(weights_path)
+    if actual != card.weights_sha256:
+        raise ModelIntegrityError(
+            f"model weights {weights_path.name} fail their SHA-256 check (card {card.weights_sha256[:12]}…, file {actual[:12]}…)"
+        )
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise ModelIntegrityError(f"model weights {weights_path} cannot be loaded: {error}") from None
+    network = build_network(card)
+    network.load_state_dict({name: tensor.float() for name, tensor in state.items()})
+    return card, network.eval()
+
+
+def save_model(network, card: ModelCard, card_path: str | Path) -> ModelCard:
+    """Write half-precision safetensors weights and the card with their SHA-256 (fp16 halves git size)."""
+    from safetensors.torch import save_file
+
+    card_path = Path(card_path)
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    weights_path = card_path.parent / card.weights_file
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in network.state_dict().items()}
+    state = {name: t.half() if t.is_floating_point() else t for name, t in state.items()}
+    save_file(state, str(weights_path))
+    card.weights_sha256 = sha256_of(weights_path)
+    card_path.write_text(card.to_json() + "\n")
+    return card

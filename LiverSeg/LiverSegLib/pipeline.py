@@ -1,0 +1,123 @@
+"""The engine's one entry point: a CT image in, a label map on the same voxel grid out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from .geometry import canonical_transform
+from .inference import ProgressCallback, choose_device, predict_probabilities, probabilities_to_masks
+from .model import BUNDLED_CARD, ModelCard, load_model
+from .postprocessing import LESION, LIVER, compose_label_map
+from .preprocessing import SliceGrid, prepare_volume
+
+
+@dataclass
+class SegmentationResult:
+    """The label map on the input grid plus the figures a user asks for first."""
+
+    label_image: sitk.Image
+    liver_ml: float
+    lesion_ml: float
+    lesion_count: int
+    lesion_volumes_ml: list[float]
+    seconds: float
+    device: str
+    model_name: str
+    model_version: str
+    lesions_validated: bool
+    timings_s: dict[str, float] = field(default_factory=dict)
+    probabilities: torch.Tensor | None = None  # (Z, channels, n, n) canonical model grid, when kept
+
+    def summary(self) -> str:
+        lesions = (
+            f"{self.lesion_count} lesion(s), {self.lesion_ml:.1f} mL" + ("" if self.lesions_validated else " [experimental]")
+            if self.lesion_count >= 0
+            else "lesions off"
+        )
+        return f"liver {self.liver_ml:.1f} mL; {lesions}; {self.seconds:.1f} s on {self.device}"
+
+
+def voxel_volume_ml(image: sitk.Image) -> float:
+    return float(np.prod(image.GetSpacing())) / 1000.0
+
+
+class LiverSegmenter:
+    """Holds a verified model on its device so that many volumes reuse one load."""
+
+    def __init__(
+        self,
+        card_path: str | Path = BUNDLED_CARD,
+        device: str = "auto",
+        card: ModelCard | None = None,
+        network: torch.nn.Module | None = None,
+    ):
+        if network is None:
+            card, network = load_model(card_path)
+        assert card is not None
+        self.card = card
+        self.device = choose_device(device)
+        self.network = network.to(self.device).eval()
+
+    def segment(
+        self,
+        image: sitk.Image,
+        lesions: bool = True,
+        postprocess: bool = True,
+        batch_size: int | None = None,
+        progress: ProgressCallback | None = None,
+        keep_probabilities: bool = False,
+    ) -> SegmentationResult:
+        timings: dict[str, float] = {}
+        started = clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = now - clock
+            clock = now
+
+        transform = canonical_transform(image.GetDirection())
+        ct_canonical = transform.to_canonical(sitk.GetArrayViewFromImage(image))
+        volume = prepare_volume(ct_canonical, self.card.window_hu, self.card.input_size)
+        lap("preprocess")
+        probabilities, used_device = predict_probabilities(
+            self.network, volume, self.card, self.device, batch_size=batch_size, progress=progress
+        )
+        lap("network")
+        grid = SliceGrid(ct_canonical.shape[1], ct_canonical.shape[2])
+        masks = probabilities_to_masks(probabilities, grid, self.card.threshold).numpy()
+        liver, lesion = masks[:, 0], (masks[:, 1] if lesions else None)
+        if postprocess:
+            label_canonical = compose_label_map(liver, lesion)
+        else:
+            label_canonical = compose_label_map(liver, lesion, keep_largest=False, fill=False)
+        lap("postprocess")
+        label_image = sitk.GetImageFromArray(np.ascontiguousarray(transform.from_canonical(label_canonical)))
+        label_image.CopyInformation(image)
+        lap("to_input_grid")
+        voxel_ml = voxel_volume_ml(image)
+        lesion_volumes: list[float] = []
+        if lesions:
+            components, count = ndimage.label(label_canonical == LESION, structure=np.ones((3, 3, 3), bool))
+            lesion_volumes = [float(n) * voxel_ml for n in np.bincount(components.ravel())[1:]]
+        return SegmentationResult(
+            label_image=label_image,
+            liver_ml=float(np.count_nonzero(label_canonical >= LIVER)) * voxel_ml,
+            lesion_ml=float(sum(lesion_volumes)),
+            lesion_count=len(lesion_volumes) if lesions else -1,
+            lesion_volumes_ml=lesion_volumes,
+            seconds=time.perf_counter() - started,
+            device=str(used_device),
+            model_name=self.card.name,
+            model_version=self.card.version,
+            lesions_validated=self.card.lesions_validated,
+            timings_s=timings,
+            probabilities=probabilities if keep_probabilities else None,
+        )

@@ -1,0 +1,45 @@
+"""Clean-up a radiologist expects: one liver, no holes, lesions only inside the liver."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+LIVER, LESION = 1, 2
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-connected component: stray islands in spleen or heart are false positives."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill enclosed holes in 3D and slice by slice (vessels at the hilum open a hole to the outside in 3D only)."""
+    filled = ndimage.binary_fill_holes(mask)
+    for index in np.flatnonzero(filled.any(axis=(1, 2))):
+        filled[index] = ndimage.binary_fill_holes(filled[index])
+    return filled
+
+
+def compose_label_map(
+    liver: np.ndarray, lesion: np.ndarray | None, keep_largest: bool = True, fill: bool = True
+) -> np.ndarray:
+    """Liver and lesion masks (canonical grid) → uint8 label map 0/1/2 with lesions inside the liver.
+
+    Lesions count as liver for the largest-component and hole-filling steps (a tumour is part of the
+    organ), then are cut to the cleaned liver.
+    """
+    organ = liver | lesion if lesion is not None else liver.copy()
+    if keep_largest:
+        organ = largest_component(organ)
+    if fill:
+        organ = fill_holes(organ)
+    label_map = organ.astype(np.uint8)
+    if lesion is not None:
+        label_map[lesion & organ] = LESION
+    return label_map

@@ -1,0 +1,119 @@
+"""Training configuration: a TOML file plus ``--set section.key=value`` overrides."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from LiverSegLib.errors import LiverSegInputError
+from LiverSegLib.model import ModelCard
+
+from .augment import AugmentConfig
+from .losses import LossWeights
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class ScheduleConfig:
+    cycles: int = 3
+    epochs_per_cycle: int = 6
+    steps_per_epoch: int = 24
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    liver_fraction: float = 0.7
+    weak_weight: float = 0.5  # loss weight of samples from model-made / semi-automatic labels
+
+
+@dataclass
+class SplitConfig:
+    val: list[str] = field(default_factory=list)  # checkpoint selection only
+    weak_train: list[str] = field(default_factory=list)  # weak-label cases allowed into training
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "liverseg-unet-resnet18"
+    version: str = "0.1.0"
+    output_dir: str = "runs/train"
+    cache_dir: str = "runs/cache"
+    seed: int = 0
+    threads: int = 0  # 0: torch's default
+    device: str = "auto"
+    data: list[dict[str, Any]] = field(default_factory=lambda: [{"layout": "cases", "path": "${LIVERSEG_DATA}/cases"}])
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: dict[str, Any] = field(default_factory=dict)  # ModelCard fields: encoder, input_size, ...
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def card(self) -> ModelCard:
+        allowed = {"architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "threshold"}
+        unknown = set(self.model) - allowed
+        if unknown:
+            raise LiverSegInputError(f"unknown [model] keys: {', '.join(sorted(unknown))}")
+        card = ModelCard(name=self.name, version=self.version, **copy.deepcopy(self.model))
+        card.decoder_channels = tuple(card.decoder_channels)
+        card.window_hu = tuple(card.window_hu)  # type: ignore[assignment]
+        return card
+
+
+def data_root() -> str:
+    return os.environ.get("LIVERSEG_DATA", str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+
+
+def expand(path: str) -> str:
+    return path.replace("${LIVERSEG_DATA}", data_root())
+
+
+def _build(cls, values: dict[str, Any], section: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise LiverSegInputError(f"unknown keys in [{section}]: {', '.join(sorted(unknown))}")
+    converted = {k: tuple(v) if isinstance(v, list) and "tuple" in str(known[k].type) else v for k, v in values.items()}
+    return cls(**converted)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise LiverSegInputError(f"override must look like section.key=value: {text}")
+    key, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise LiverSegInputError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise LiverSegInputError(f"config file {path} is not valid TOML: {error}") from None
+    for override in overrides:
+        keys, value = parse_override(override)
+        target = raw
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = value
+    sections = {"split": SplitConfig, "schedule": ScheduleConfig, "loss": LossWeights, "augment": AugmentConfig}
+    built = {name: _build(cls, raw.pop(name, {}), name) for name, cls in sections.items()}
+    config = _build(TrainConfig, {**raw, **built}, "top level")
+    config.card()  # validates [model]
+    return config

@@ -1,0 +1,89 @@
+"""Cases prepared once on the model grid (cached on disk) and slice batches sampled from them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+import torch
+
+from LiverSegLib.geometry import canonical_transform
+from LiverSegLib.model import ModelCard
+from LiverSegLib.preprocessing import prepare_label, prepare_volume, slice_stack
+
+from .sources import Case
+
+
+@dataclass
+class PreparedCase:
+    """A case on the model grid: image (Z, n, n) float16 in [0, 1], masks (Z, 2, n, n) uint8."""
+
+    name: str
+    image: torch.Tensor
+    masks: torch.Tensor
+    has_lesion_label: bool
+    weak: bool
+
+    @property
+    def liver_slices(self) -> torch.Tensor:
+        return torch.nonzero(self.masks[:, 0].flatten(1).any(1)).flatten()
+
+
+def prepare_case(case: Case, card: ModelCard, cache_dir: Path | None = None) -> PreparedCase:
+    """Read, reorient and preprocess with the engine's own functions; reuse the cache when it matches."""
+    key = hashlib.sha1(f"{case.source}|{card.window_hu}|{card.input_size}|v1".encode()).hexdigest()[:12]
+    cache_file = cache_dir / f"{case.name}-{key}.pt" if cache_dir else None
+    if cache_file is not None and cache_file.is_file():
+        image, masks = torch.load(cache_file, weights_only=True)
+    else:
+        ct, label = case.load()
+        transform = canonical_transform(ct.GetDirection())
+        image = prepare_volume(transform.to_canonical(sitk.GetArrayViewFromImage(ct)), card.window_hu, card.input_size)
+        image = image.half()
+        masks = prepare_label(transform.to_canonical(label), card.input_size)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save((image, masks), cache_file)
+    return PreparedCase(case.name, image, masks, case.has_lesion_label, weak=not case.is_expert)
+
+
+class SliceSampler:
+    """Draws slice batches: a fraction from slices showing liver, the rest from any slice.
+
+    Liver slices are a third of a CT or less; over-representing them spends the CPU on what matters,
+    while the remaining draws keep the network honest about empty slices.
+    """
+
+    def __init__(self, cases: list[PreparedCase], liver_fraction: float, context_slices: int, weak_weight: float = 0.5):
+        self.cases = cases
+        self.liver_fraction = liver_fraction
+        self.context_slices = context_slices
+        self.weak_weight = weak_weight
+        self.all_slices = [(c, z) for c, case in enumerate(cases) for z in range(case.image.shape[0])]
+        self.liver_slices = [(c, int(z)) for c, case in enumerate(cases) for z in case.liver_slices]
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images (B, C, n, n), masks (B, 2, n, n), channel_mask (B, 2), sample_weight (B,))."""
+        picks = []
+        for _ in range(size):
+            pool = self.liver_slices if self.liver_slices and torch.rand(1, generator=generator) < self.liver_fraction else self.all_slices
+            picks.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
+        images, masks, channel_mask, weights = [], [], [], []
+        for case_index, z in picks:
+            case = self.cases[case_index]
+            images.append(slice_stack(case.image, torch.tensor([z]), self.context_slices)[0].float())
+            masks.append(case.masks[z].float())
+            channel_mask.append(torch.tensor([1.0, 1.0 if case.has_lesion_label else 0.0]))
+            weights.append(self.weak_weight if case.weak else 1.0)
+        return torch.stack(images), torch.stack(masks), torch.stack(channel_mask), torch.tensor(weights)
+
+
+def volume_dice(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """Dice of two boolean volumes; 1.0 when both are empty (nothing to find, nothing found)."""
+    total = int(prediction.sum()) + int(target.sum())
+    return 1.0 if total == 0 else 2.0 * int((prediction & target).sum()) / total
+
+
+__all__ = ["PreparedCase", "SliceSampler", "prepare_case", "volume_dice"]

@@ -1,0 +1,193 @@
+"""Training, evaluation and patient-level cross-validation, end to end on real cases."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from LiverSegLib.errors import LiverSegInputError
+from LiverSegLib.geometry import canonical_transform
+from LiverSegLib.model import ModelCard, save_model
+from LiverSegLib.pipeline import LiverSegmenter
+
+from .config import TrainConfig, expand
+from .data import PreparedCase, prepare_case
+from .metrics import label_map_metrics
+from .plots import plot_history, plot_prediction_panel
+from .sources import Case, discover
+from .train import TrainResult, train
+
+log = logging.getLogger(__name__)
+LESION_DICE_BAR = 0.5
+SUMMARY_KEYS = ("liver_dice", "liver_iou", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice")
+
+
+def load_cases(config: TrainConfig) -> list[Case]:
+    cases: list[Case] = []
+    for source in config.data:
+        options = {k: v for k, v in source.items() if k not in ("layout", "path")}
+        cases.extend(discover(source["layout"], expand(source["path"]), **options))
+    cases = [c for c in cases if c.name not in config.split.exclude]
+    if not cases:
+        raise LiverSegInputError("no labelled cases found in the configured data sources")
+    return cases
+
+
+def split_cases(cases: list[Case], config: TrainConfig, test: Case | None = None) -> tuple[list[Case], list[Case]]:
+    """(training cases, validation cases). Validation never trains; weak labels train only when listed."""
+    train_cases = [c for c in cases if c != test and c.name not in config.split.val and (c.is_expert or c.name in config.split.weak_train)]
+    val_cases = [c for c in cases if c.name in config.split.val and c != test]
+    if not any(c.is_expert for c in train_cases):
+        raise LiverSegInputError("no expert-labelled case left to train on")
+    return train_cases, val_cases
+
+
+def _prepare(cases: list[Case], config: TrainConfig, card: ModelCard) -> list[PreparedCase]:
+    cache = Path(config.cache_dir)
+    return [prepare_case(case, card, cache) for case in cases]
+
+
+def evaluate_case(segmenter: LiverSegmenter, case: Case, plot_path: Path | None = None) -> dict[str, float | str]:
+    """Full engine run (reorient, preprocess, network, post-process, back to the input grid) vs. the label."""
+    ct, truth = case.load()
+    result = segmenter.segment(ct, keep_probabilities=plot_path is not None)
+    prediction = sitk.GetArrayViewFromImage(result.label_image)
+    spacing_kji_mm = tuple(reversed(ct.GetSpacing()))
+    row: dict[str, float | str] = {"case": case.name, "label": case.label_kind, "seconds": round(result.seconds, 2)}
+    row.update(label_map_metrics(prediction, truth, spacing_kji_mm, case.has_lesion_label))
+    if plot_path is not None and result.probabilities is not None:
+        transform = canonical_transform(ct.GetDirection())
+        canonical_prediction = transform.to_canonical(prediction)
+        canonical_truth = transform.to_canonical(truth)
+        z = int((canonical_truth >= 1).sum((1, 2)).argmax())
+        plot_prediction_panel(
+            case.name,
+            transform.to_canonical(sitk.GetArrayViewFromImage(ct))[z].clip(-200, 300),
+            canonical_truth[z],
+            canonical_prediction[z],
+            result.probabilities[z, 0].numpy(),
+            plot_path,
+        )
+    return row
+
+
+def fit(config: TrainConfig, train_cases: list[Case], val_cases: list[Case], output_dir: Path, resume: bool) -> TrainResult:
+    card = config.card()
+    log.info("training on %s; validating on %s", [c.name for c in train_cases], [c.name for c in val_cases])
+    result = train(config, _prepare(train_cases, config, card), _prepare(val_cases, config, card), output_dir, resume)
+    plot_history(result.history, output_dir)
+    return result
+
+
+def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], output_dir: Path, evaluation: dict) -> Path:
+    """Write weights + card (training data, licences, command, figures) into ``output_dir/model``."""
+    card = result.card
+    card.lesions_validated = bool(evaluation.get("lesions_validated", False))
+    card.training = {
+        "command": "liverseg-train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "cases": [{"case": c.name, "label": c.label_kind, "licence": c.licence} for c in train_cases],
+        "validation_cases": list(config.split.val),
+        "epochs": len(result.history),
+        "best_val_liver_dice_model_grid": result.best_val_liver_dice,
+        "schedule": vars(config.schedule),
+    }
+    card.evaluation = evaluation
+    card_path = output_dir / "model" / "liverseg.json"
+    save_model(result.network, card, card_path)
+    return card_path
+
+
+def summarise(rows: list[dict]) -> dict[str, float]:
+    summary = {}
+    for key in SUMMARY_KEYS:
+        values = [float(r[key]) for r in rows if key in r and not math.isnan(float(r[key]))]
+        if values:
+            summary[f"mean_{key}"] = float(np.mean(values))
+            summary[f"min_{key}"] = float(np.min(values))
+    return summary
+
+
+def write_table(rows: list[dict], path_stem: Path) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path_stem.with_suffix(".csv"), "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    path_stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["case", "liver_dice", "liver_iou", "liver_accuracy", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice", "lesion_iou", "lesion_assd_mm", "lesion_hd95_mm", "lesion_volume_error_pct"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column, "n/a")
+            cells.append(f"{value:.3f}" if isinstance(value, float) and not math.isnan(value) else ("n/a" if isinstance(value, float) else str(value)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False) -> tuple[list[dict], dict]:
+    """Leave one expert-labelled patient out; each held-out volume is segmented by the full engine."""
+    cases = load_cases(config)
+    experts = [c for c in cases if c.is_expert and c.name not in config.split.val]
+    if len(experts) < 2:
+        raise LiverSegInputError("cross-validation needs at least two expert-labelled cases")
+    rows = []
+    for test in experts:
+        fold_dir = output_dir / f"fold_{test.name}"
+        train_cases, val_cases = split_cases(cases, config, test)
+        result = fit(config, train_cases, val_cases, fold_dir, resume)
+        segmenter = LiverSegmenter(device=config.device, card=result.card, network=result.network)
+        row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png")
+        row["trained_on"] = " ".join(c.name for c in train_cases)
+        rows.append(row)
+        log.info("fold %s: liver Dice %.4f, lesion Dice %s", test.name, row["liver_dice"], row.get("lesion_dice", "n/a"))
+    summary = summarise(rows)
+    lesion_dices = [float(r["lesion_dice"]) for r in rows if "lesion_dice" in r]
+    summary["lesions_validated"] = bool(lesion_dices) and min(lesion_dices) >= LESION_DICE_BAR
+    write_table(rows, output_dir / "crossval")
+    return rows, summary
+
+
+def train_final(config: TrainConfig, output_dir: Path, evaluation: dict, resume: bool = False) -> Path:
+    """Train on every expert case (validation cases excepted) and export the model with ``evaluation``."""
+    cases = load_cases(config)
+    train_cases, val_cases = split_cases(cases, config)
+    result = fit(config, train_cases, val_cases, output_dir / "final", resume)
+    card_path = export(result, config, train_cases, output_dir, evaluation)
+    segmenter = LiverSegmenter(card_path, device=config.device)
+    for case in val_cases[:2]:
+        evaluate_case(segmenter, case, output_dir / "final" / f"panel_{case.name}.png")
+    return card_path
+
+
+def write_results(rows: list[dict], summary: dict, path: Path, command: str) -> None:
+    status = "validated (cross-validated lesion Dice ≥ 0.5 on every lesion case)" if summary.get("lesions_validated") else "EXPERIMENTAL (cross-validated lesion Dice below 0.5)"
+    text = f"""# LiverSeg cross-validation results
+
+Leave-one-patient-out over the expert-labelled volumes; each held-out CT is segmented by the full
+engine (reorientation, preprocessing, network, post-processing, mapping back to the input grid) and
+compared with its expert label at full resolution. Model-made labels are never test cases.
+
+Command: `{command}`
+
+{format_table(rows)}
+
+Summary: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})}
+
+Lesion output: {status}.
+"""
+    path.write_text(text)
+
+
+__all__ = ["crossvalidate", "train_final", "evaluate_case", "load_cases", "write_results"]
