@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import copy
 import os
 import sys
@@ -24,8 +23,8 @@ else:  # pragma: no cover - Python 3.10
 
 @dataclass
 class ScheduleConfig:
-    cycles: int = 3
-    epochs_per_cycle: int = 6
+    cycles: int = 4
+    epochs_per_cycle: int = 8
     steps_per_epoch: int = 24
     batch_size: int = 16
     lr: float = 1e-3
@@ -90,9 +89,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise LiverSegInputError(f"override must look like section.key=value: {text}")
     key, raw = text.split("=", 1)
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    try:  # a TOML value (number, bool, "string", [array], {inline = "table"}); bare words stay strings
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
         value = raw
     return key.strip().split("."), value
 

@@ -61,7 +61,7 @@ def weighted_bce(logits, target, channel_mask, pos_weight: torch.Tensor) -> torc
 def combined_loss(
     logits: torch.Tensor, target: torch.Tensor, channel_mask: torch.Tensor, weights: LossWeights
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the three terms, each averaged over channels with ``channel_weight``."""
+    """Weighted sum of the three terms, each averaged over the labelled channels with ``channel_weight``."""
     probabilities = torch.sigmoid(logits)
     pos_weight = torch.tensor(weights.pos_weight, device=logits.device, dtype=logits.dtype)
     channel_weight = torch.tensor(weights.channel_weight, device=logits.device, dtype=logits.dtype)
@@ -72,6 +72,8 @@ def combined_loss(
             probabilities, target, channel_mask, weights.tversky_alpha, weights.tversky_beta, weights.smooth
         ),
     }
-    per_term = {name: (value * channel_weight).sum() / channel_weight.sum() for name, value in terms.items()}
+    # Average over the channels that some sample labels: a batch without lesion labels is all liver.
+    present_weight = channel_weight * (channel_mask.sum(0) > 0).to(logits.dtype)
+    per_term = {name: (value * present_weight).sum() / present_weight.sum().clamp(min=1e-8) for name, value in terms.items()}
     total = weights.bce * per_term["bce"] + weights.dice * per_term["dice"] + weights.tversky * per_term["tversky"]
     return total, {name: float(value.detach()) for name, value in per_term.items()}

@@ -45,8 +45,8 @@ def split_cases(cases: list[Case], config: TrainConfig, test: Case | None = None
     """(training cases, validation cases). Validation never trains; weak labels train only when listed."""
     train_cases = [c for c in cases if c != test and c.name not in config.split.val and (c.is_expert or c.name in config.split.weak_train)]
     val_cases = [c for c in cases if c.name in config.split.val and c != test]
-    if not any(c.is_expert for c in train_cases):
-        raise LiverSegInputError("no expert-labelled case left to train on")
+    if not train_cases:
+        raise LiverSegInputError("no case left to train on (expert cases, or weak ones listed in split.weak_train)")
     return train_cases, val_cases
 
 

@@ -77,12 +77,14 @@ def train(
     val_cases: list[PreparedCase],
     output_dir: Path,
     resume: bool = False,
+    max_epochs: int | None = None,
 ) -> TrainResult:
     """Train ``cycles × epochs_per_cycle`` epochs; the LR restarts at each cycle (cosine warm restarts).
 
     Every epoch writes ``checkpoint_last.pt`` (model, optimizer, scheduler, RNG, position, history) so
     an interrupted run resumes exactly; the best validation liver Dice is kept in ``best.pt``. Without
-    validation cases the last epoch counts as best.
+    validation cases the last epoch counts as best. ``max_epochs`` stops early (a time-boxed session)
+    so that a later ``resume`` finishes the schedule.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
@@ -113,7 +115,8 @@ def train(
         log.info("resuming at epoch %d of %d", start, schedule.cycles * schedule.epochs_per_cycle)
     total_epochs = schedule.cycles * schedule.epochs_per_cycle
     network.train()
-    for global_epoch in range(start, total_epochs):
+    stop = total_epochs if max_epochs is None else min(total_epochs, start + max_epochs)
+    for global_epoch in range(start, stop):
         cycle, epoch = divmod(global_epoch, schedule.epochs_per_cycle)
         started, losses = time.perf_counter(), []
         for _ in range(schedule.steps_per_epoch):

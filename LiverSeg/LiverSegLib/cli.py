@@ -1,0 +1,116 @@
+"""``liverseg``: segment a CT from the command line, list the series of a DICOM folder.
+
+Errors the user can fix are one line on stderr with exit code 2; nothing is written unless the run
+succeeds (the output goes to a temporary file that is renamed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import LiverSegInputError
+
+EXIT_INPUT_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liverseg", description="Liver and liver-lesion segmentation of CT.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    segment = commands.add_parser("segment", help="segment a CT volume or DICOM series folder")
+    segment.add_argument("input", help="CT as .nii.gz/.nii/.nrrd/.mha or a DICOM series folder")
+    segment.add_argument("-o", "--output", required=True, help="label map: .nii.gz, .nii, .nrrd or .mha (0 background, 1 liver, 2 lesion)")
+    segment.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    segment.add_argument("--model", help="model card JSON (default: the bundled model)")
+    segment.add_argument("--batch-size", type=int, help="slices per network batch (default: sized to the device)")
+    segment.add_argument("--series", help="DICOM SeriesInstanceUID or series number, when a folder holds several")
+    segment.add_argument("--no-lesions", action="store_true", help="liver only")
+    segment.add_argument("--no-postprocess", action="store_true", help="keep every liver component and hole")
+    series = commands.add_parser("series", help="list the DICOM series in a folder")
+    series.add_argument("folder")
+    return parser
+
+
+def _progress_bar(total_hint: str):
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=total_hint, unit="%", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.n = int(100 * done / total)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .io import check_output_path, read_ct, write_image_atomic
+    from .model import BUNDLED_CARD
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise LiverSegInputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    output = check_output_path(args.output)
+    input_path = Path(args.input)
+    if input_path.exists() and output.exists() and output.resolve() == input_path.resolve():
+        raise LiverSegInputError(f"output would overwrite the input: {output}")
+    image = read_ct(input_path, args.series)
+    from .pipeline import LiverSegmenter
+
+    segmenter = LiverSegmenter(args.model or BUNDLED_CARD, device=args.device)
+    progress, close = _progress_bar("segmenting")
+    try:
+        result = segmenter.segment(
+            image,
+            lesions=not args.no_lesions,
+            postprocess=not args.no_postprocess,
+            batch_size=args.batch_size,
+            progress=progress,
+        )
+    finally:
+        close()
+    write_image_atomic(result.label_image, output)
+    print(f"{output}: {result.summary()}")
+    if not args.no_lesions and not result.lesions_validated:
+        print("note: lesion output is experimental (cross-validated lesion Dice below 0.5; see the model card)")
+    return 0
+
+
+def _series(args: argparse.Namespace) -> int:
+    from .io import list_dicom_series
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise LiverSegInputError(f"not a folder: {folder}")
+    found = list_dicom_series(folder)
+    if not found:
+        raise LiverSegInputError(f"no DICOM series found in folder: {folder}")
+    for series in found:
+        print(f"{series.number or '-':>6}  {len(series.files):4d} slices  {series.description or '(no description)'}  {series.uid}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.formatwarning = lambda message, category, *rest: f"liverseg: warning: {message}\n"
+    try:
+        return _segment(args) if args.command == "segment" else _series(args)
+    except LiverSegInputError as error:
+        print(f"liverseg: error: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print("liverseg: interrupted, nothing written", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the user gets one line; LIVERSEG_DEBUG=1 shows the traceback
+        if os.environ.get("LIVERSEG_DEBUG"):
+            raise
+        print(f"liverseg: error: unexpected failure ({type(error).__name__}: {error}); rerun with LIVERSEG_DEBUG=1 for details", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,12 +133,17 @@ def check_ct(image: sitk.Image, source: str) -> sitk.Image:
     size = image.GetSize()
     if min(size) < 2:
         raise LiverSegInputError(f"{source} has size {size}: a single slice, not a 3D volume")
-    image = sitk.Cast(image, sitk.sitkFloat32)
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(image)
-    if stats.GetMaximum() == stats.GetMinimum():
-        raise LiverSegInputError(f"{source} is empty: every voxel is {stats.GetMinimum():g}")
-    return image
+    low, high = stats.GetMinimum(), stats.GetMaximum()
+    if high == low:
+        raise LiverSegInputError(f"{source} is empty: every voxel is {low:g}")
+    integer = image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32)
+    if integer and low >= 0 and high <= 255:
+        raise LiverSegInputError(f"{source} looks like a label map (integer values {low:g}..{high:g}), not a CT in HU")
+    if low > -500 or high < 200:
+        warnings.warn(f"{source}: intensities {low:g}..{high:g} do not look like CT Hounsfield units (MR or unscaled?); results may be poor")
+    return sitk.Cast(image, sitk.sitkFloat32)
 
 
 def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> Path:

@@ -1,0 +1,35 @@
+"""Shared fixtures. Real data comes from $LIVERSEG_DATA (default ../shared/data); a missing data folder
+fails the tests that need it instead of skipping them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXPERT_CASES = ("ircad_01", "ircad_07", "ircad_17")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ.get("LIVERSEG_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+    if not (root / "cases").is_dir():
+        pytest.fail(f"real test data not found at {root} (set LIVERSEG_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def segmenter():
+    from LiverSegLib.pipeline import LiverSegmenter
+
+    return LiverSegmenter(device="cpu")
+
+
+def read_case(data_root: Path, name: str) -> tuple[sitk.Image, sitk.Image]:
+    folder = data_root / "cases" / name
+    if not folder.is_dir():
+        pytest.fail(f"case {name} missing from {data_root}")
+    return sitk.ReadImage(str(folder / "ct.nii.gz")), sitk.ReadImage(str(folder / "label.nii.gz"))

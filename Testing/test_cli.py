@@ -1,0 +1,186 @@
+"""``liverseg segment`` end to end, and every bad input: one line, exit 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LiverSegLib.cli import main
+from LiverSegLib.model import BUNDLED_CARD
+
+from conftest import PROJECT_ROOT
+
+SAMPLE = PROJECT_ROOT / "LiverSeg" / "Resources" / "Samples" / "CRLM-CT-1004.nii.gz"
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(capsys, tmp_path, args, message):
+    output = tmp_path / "out" / "label.nii.gz"
+    output.parent.mkdir(exist_ok=True)
+    before = set(output.parent.iterdir())
+    code, out, err = run_cli(capsys, "segment", *args, "-o", output)
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("liverseg: error:"), err
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in err + out
+    assert set(output.parent.iterdir()) == before, "a partial output was left behind"
+
+
+def test_segment_writes_an_aligned_label_map(capsys, tmp_path, data_root):
+    output = tmp_path / "ircad_17.nrrd"
+    code, out, err = run_cli(capsys, "segment", data_root / "cases" / "ircad_17" / "ct.nii.gz", "-o", output, "--device", "cpu", "--batch-size", "8")
+    assert code == 0, err
+    assert "liver" in out and "mL" in out and "on cpu" in out
+    ct = sitk.ReadImage(str(data_root / "cases" / "ircad_17" / "ct.nii.gz"))
+    label = sitk.ReadImage(str(output))
+    assert label.GetSize() == ct.GetSize() and np.allclose(label.GetSpacing(), ct.GetSpacing())
+    assert np.allclose(label.GetOrigin(), ct.GetOrigin()) and np.allclose(label.GetDirection(), ct.GetDirection())
+    assert set(np.unique(sitk.GetArrayViewFromImage(label))) <= {0, 1, 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["ircad_17.nrrd"], "temporary files left behind"
+
+
+def test_no_lesions_and_no_postprocess(capsys, tmp_path, data_root):
+    ct = data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"
+    plain, raw = tmp_path / "plain.nii.gz", tmp_path / "raw.mha"
+    assert run_cli(capsys, "segment", ct, "-o", plain, "--no-lesions")[0] == 0
+    assert run_cli(capsys, "segment", ct, "-o", raw, "--no-postprocess")[0] == 0
+    assert 2 not in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(plain))))
+    assert sitk.GetArrayViewFromImage(sitk.ReadImage(str(raw))).any()
+
+
+def test_readme_command_on_the_shipped_sample(tmp_path):
+    """The README's main job, as a user runs it: the console command on the bundled sample CT."""
+    output = tmp_path / "sample_liver.nii.gz"
+    done = subprocess.run(
+        [shutil.which("liverseg") or "liverseg", "segment", str(SAMPLE), "-o", str(output)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    liver_ml = float(done.stdout.split("liver ")[1].split(" mL")[0])
+    assert 800 < liver_ml < 3500, done.stdout  # an adult liver, CRLM-CT-1004 covers it whole
+    assert sitk.ReadImage(str(output)).GetSize() == sitk.ReadImage(str(SAMPLE)).GetSize()
+
+
+def test_missing_input(capsys, tmp_path):
+    assert_refused(capsys, tmp_path, [tmp_path / "nope.nii.gz"], "does not exist")
+
+
+def test_not_an_image(capsys, tmp_path):
+    fake = tmp_path / "notes.nii.gz"
+    fake.write_text("this is not an image")
+    assert_refused(capsys, tmp_path, [fake], "not a readable image")
+
+
+def test_truncated_nifti(capsys, tmp_path, data_root):
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes((data_root / "cases" / "ircad_17" / "ct.nii.gz").read_bytes()[:200_000])
+    assert_refused(capsys, tmp_path, [truncated], "truncated.nii.gz")
+
+
+def test_2d_image(capsys, tmp_path, data_root):
+    ct = sitk.ReadImage(str(data_root / "cases" / "ircad_17" / "ct.nii.gz"))
+    path = tmp_path / "slice.nrrd"
+    sitk.WriteImage(ct[:, :, 60], str(path))
+    assert_refused(capsys, tmp_path, [path], "2D image")
+
+
+def test_4d_image(capsys, tmp_path, data_root):
+    ct = sitk.ReadImage(str(data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"))
+    path = tmp_path / "four.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([ct, ct]), str(path))
+    assert_refused(capsys, tmp_path, [path], "4D image")
+
+
+def test_empty_volume(capsys, tmp_path):
+    path = tmp_path / "zeros.nii.gz"
+    sitk.WriteImage(sitk.Image([64, 64, 20], sitk.sitkInt16), str(path))
+    assert_refused(capsys, tmp_path, [path], "empty")
+
+
+def test_unreadable_dicom_folder(capsys, tmp_path, data_root):
+    folder = tmp_path / "broken_dicom"
+    folder.mkdir()
+    for index, source in enumerate(sorted((data_root / "dicom" / "crlm_1004_ct").iterdir())[:4]):
+        (folder / f"{index}.dcm").write_bytes(source.read_bytes()[:3000])
+    assert_refused(capsys, tmp_path, [folder], "DICOM")
+
+
+def test_folder_without_dicom(capsys, tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello")
+    assert_refused(capsys, tmp_path, [folder], "no DICOM series")
+
+
+def test_output_folder_missing(capsys, tmp_path, data_root):
+    code, _, err = run_cli(capsys, "segment", data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", "-o", tmp_path / "no" / "where.nii.gz")
+    assert code == 2 and "output folder does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_output_must_not_overwrite_input(capsys, tmp_path, data_root):
+    ct = tmp_path / "ct.nii.gz"
+    shutil.copy(data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz", ct)
+    before = ct.read_bytes()
+    code, _, err = run_cli(capsys, "segment", ct, "-o", ct)
+    assert code == 2 and "overwrite the input" in err and ct.read_bytes() == before
+
+
+@pytest.fixture()
+def model_copy(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    card = json.loads(BUNDLED_CARD.read_text())
+    shutil.copy(BUNDLED_CARD, folder / BUNDLED_CARD.name)
+    shutil.copy(BUNDLED_CARD.parent / card["weights_file"], folder / card["weights_file"])
+    return folder / BUNDLED_CARD.name, folder / card["weights_file"]
+
+
+def test_tampered_weights_are_refused(capsys, tmp_path, data_root, model_copy):
+    card, weights = model_copy
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    ct = data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"
+    assert_refused(capsys, tmp_path, [ct, "--model", card], "SHA-256")
+
+
+def test_truncated_weights_with_a_matching_card_are_refused(capsys, tmp_path, data_root, model_copy):
+    from LiverSegLib.model import sha256_of
+
+    card, weights = model_copy
+    weights.write_bytes(weights.read_bytes()[:5000])
+    data = json.loads(card.read_text())
+    data["weights_sha256"] = sha256_of(weights)
+    card.write_text(json.dumps(data))
+    ct = data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"
+    assert_refused(capsys, tmp_path, [ct, "--model", card], "cannot be loaded")
+
+
+def test_missing_or_broken_card(capsys, tmp_path, data_root):
+    ct = data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"
+    assert_refused(capsys, tmp_path, [ct, "--model", tmp_path / "none.json"], "model card not found")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert_refused(capsys, tmp_path, [ct, "--model", broken], "not valid JSON")
+
+
+def test_series_command_lists_series(capsys, data_root):
+    code, out, _ = run_cli(capsys, "series", data_root / "dicom" / "crlm_1004_ct")
+    assert code == 0 and "41 slices" in out
+
+
+def test_usage_errors_exit_2():
+    done = subprocess.run([sys.executable, "-m", "LiverSegLib.cli", "segment"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr

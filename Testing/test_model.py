@@ -1,0 +1,59 @@
+"""The bundled model: its card, its integrity check, and the pipeline's Dice on the expert volumes.
+
+The expert volumes are in the bundled model's training set, so this checks the pipeline end to end;
+the honest accuracy is the cross-validation stored in the card (checked below to be there)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LiverSegLib.errors import ModelIntegrityError
+from LiverSegLib.model import BUNDLED_CARD, CARD_SCHEMA_VERSION, ModelCard, read_card, sha256_of
+
+from conftest import EXPERT_CASES, read_case
+
+
+def test_bundled_card_matches_its_weights():
+    card = read_card(BUNDLED_CARD)
+    weights = BUNDLED_CARD.parent / card.weights_file
+    assert card.schema_version == CARD_SCHEMA_VERSION
+    assert sha256_of(weights) == card.weights_sha256
+    assert weights.stat().st_size < 60 * 1024 * 1024
+
+
+def test_card_schema_is_enforced(tmp_path):
+    data = json.loads(BUNDLED_CARD.read_text())
+    with pytest.raises(ModelIntegrityError, match="unknown fields"):
+        ModelCard.from_dict({**data, "surprise": 1})
+    with pytest.raises(ModelIntegrityError, match="schema"):
+        ModelCard.from_dict({**data, "schema_version": 99})
+
+
+def test_card_documents_data_licences_command_and_cross_validation():
+    card = read_card(BUNDLED_CARD)
+    assert card.training["command"].startswith("liverseg-train")
+    assert all(entry["licence"] for entry in card.training["cases"])
+    assert all(entry["label"] == "expert" for entry in card.training["cases"])
+    rows = {row["case"]: row for row in card.evaluation["per_case"]}
+    assert set(EXPERT_CASES) <= set(rows), "every expert case needs its cross-validated row"
+    for name in EXPERT_CASES:
+        assert name not in rows[name]["trained_on"].split(), "a fold was tested on its own training case"
+        assert 0 <= rows[name]["liver_dice"] <= 1
+    assert "lesion_dice" not in rows["ircad_07"]  # liver-only label: no lesion figure
+    assert card.lesions_validated == (min(rows[n]["lesion_dice"] for n in ("ircad_01", "ircad_17")) >= 0.5)
+
+
+@pytest.mark.parametrize("case", EXPERT_CASES)
+def test_bundled_model_segments_the_expert_volumes(data_root, segmenter, case):
+    ct, label = read_case(data_root, case)
+    result = segmenter.segment(ct)
+    prediction = sitk.GetArrayViewFromImage(result.label_image) >= 1
+    truth = sitk.GetArrayViewFromImage(label) >= 1
+    dice = 2 * np.count_nonzero(prediction & truth) / (prediction.sum() + truth.sum())
+    assert dice >= 0.90, f"{case}: liver Dice {dice:.3f}"
+    true_ml = truth.sum() * np.prod(ct.GetSpacing()) / 1000
+    assert result.liver_ml == pytest.approx(true_ml, rel=0.15)

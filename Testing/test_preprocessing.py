@@ -1,0 +1,77 @@
+"""Preprocessing and post-processing on small arrays with hand-known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from LiverSegLib.postprocessing import compose_label_map, fill_holes, largest_component
+from LiverSegLib.preprocessing import SliceGrid, prepare_label, prepare_volume, slice_stack, to_model_grid, to_slice_grid, window_hu
+
+
+def test_window_scales_and_clips():
+    values = window_hu(torch.tensor([-1000.0, -200.0, 50.0, 300.0, 1500.0]), (-200.0, 300.0))
+    assert values.tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+
+
+def test_non_square_slices_are_padded_centred_and_cropped_back():
+    slices = torch.arange(8, dtype=torch.float32).reshape(1, 4, 2) + 1
+    square = to_model_grid(slices, input_size=4)
+    assert square.shape == (1, 4, 4)
+    assert torch.equal(square[0, :, 1:3], slices[0]) and square[0, :, [0, 3]].eq(0).all()
+    grid = SliceGrid(4, 2)
+    assert grid.offset == (0, 1)
+    assert torch.equal(to_slice_grid(square[:, None], grid)[:, 0], slices)
+
+
+def test_resize_keeps_a_constant_and_the_position_of_a_structure():
+    volume = np.full((2, 300, 200), 50.0, np.float32)  # HU 50 → 0.5 in the window
+    assert torch.allclose(prepare_volume(volume, (-200.0, 300.0), 64)[:, 8:56, 16:48], torch.tensor(0.5))
+    label = np.zeros((1, 256, 256), np.uint8)
+    label[0, 64:128, 128:192] = 1
+    masks = prepare_label(label, 64)
+    rows, cols = np.nonzero(masks[0, 0].numpy())
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (16, 31, 32, 47)
+    # Back to the slice grid: the mask lands where it was drawn; bilinear interpolation only rounds
+    # off the four corner pixels (0.625² < 0.5).
+    back = (to_slice_grid(masks[:, :1].float(), SliceGrid(256, 256))[0, 0] >= 0.5).numpy()
+    assert np.count_nonzero(back != (label[0] == 1)) == 4
+    assert not back[64, 128] and back[65, 129] and back[64:128, 128:192].sum() == 64 * 64 - 4
+
+
+def test_lesion_is_part_of_the_liver_channel():
+    label = np.zeros((1, 4, 4), np.uint8)
+    label[0, 0, 0], label[0, 1, 1] = 1, 2
+    masks = prepare_label(label, 4)
+    assert masks[0, 0].sum() == 2 and masks[0, 1].sum() == 1 and masks[0, 1, 1, 1] == 1
+
+
+def test_slice_stack_repeats_edge_slices():
+    volume = torch.arange(3, dtype=torch.float32)[:, None, None].expand(3, 2, 2)
+    stack = slice_stack(volume, torch.tensor([0, 2]), context_slices=1)
+    assert stack[:, :, 0, 0].tolist() == [[0, 0, 1], [1, 2, 2]]
+
+
+def test_largest_component_and_hole_filling():
+    mask = np.zeros((9, 9, 9), bool)
+    mask[1:6, 1:6, 1:6] = True
+    mask[3, 3, 3] = False  # an enclosed hole
+    island = mask.copy()
+    island[:] = False
+    island[8, 8, 8] = True  # not even diagonally touching the cube
+    kept = largest_component(mask | island)
+    assert not kept[8, 8, 8] and kept.sum() == 124
+    assert fill_holes(kept).sum() == 125
+
+
+def test_lesions_only_inside_the_cleaned_liver():
+    liver = np.zeros((6, 10, 10), bool)
+    liver[1:5, 1:6, 1:6] = True
+    lesion = np.zeros_like(liver)
+    lesion[2, 2, 2] = True  # inside the liver
+    lesion[2, 8, 8] = True  # a separate island: removed with the other islands
+    label = compose_label_map(liver & ~lesion, lesion)
+    assert label[2, 2, 2] == 2 and label[2, 8, 8] == 0
+    assert np.count_nonzero(label == 1) == liver.sum() - 1
+    raw = compose_label_map(liver, lesion, keep_largest=False, fill=False)
+    assert raw[2, 8, 8] == 2

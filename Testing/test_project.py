@@ -1,0 +1,31 @@
+"""Project-level promises: the README's commands are the ones CI runs, and layers point one way."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import PROJECT_ROOT
+
+
+def readme_commands() -> list[str]:
+    text = (PROJECT_ROOT / "README.md").read_text()
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_lines = [line.strip() for line in (PROJECT_ROOT / ".ci" / "run").read_text().splitlines()]
+    test_command = next(c for c in readme_commands() if "pytest" in c)
+    assert test_command in ci_lines
+
+
+def test_readme_main_command_uses_the_shipped_sample_and_model():
+    main_command = readme_commands()[0]
+    sample = re.search(r"liverseg segment (\S+)", main_command).group(1)
+    assert (PROJECT_ROOT / sample).is_file()
+    assert (PROJECT_ROOT / "LiverSeg" / "Resources" / "Models" / "liverseg.json").is_file()
+
+
+def test_engine_never_imports_training_or_qt():
+    for path in (PROJECT_ROOT / "LiverSeg" / "LiverSegLib").glob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"^\s*(from|import)\s+(LiverSegTraining|qt|ctk|slicer)\b", source, re.M), path.name
