@@ -26,6 +26,7 @@ def test_readme_main_command_uses_the_shipped_sample_and_model():
 
 
 def test_engine_never_imports_training_or_qt():
+    """The MRML layer may use slicer.vtk… classes (Qt-free); nothing in the engine may use Qt or training."""
     for path in (PROJECT_ROOT / "LiverSeg" / "LiverSegLib").glob("*.py"):
         source = path.read_text()
-        assert not re.search(r"^\s*(from|import)\s+(LiverSegTraining|qt|ctk|slicer)\b", source, re.M), path.name
+        assert not re.search(r"^\s*(from|import)\s+(LiverSegTraining|qt|ctk)\b", source, re.M), path.name

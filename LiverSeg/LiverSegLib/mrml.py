@@ -136,6 +136,27 @@ def write_segments(segmentation_node, volume_node, label_kji: np.ndarray, lesion
     segmentation.CollapseBinaryLabelmaps()
 
 
+def store_result(segmentation_node, volume_node, result, lesions: bool = True) -> None:
+    """Write a ``SegmentationResult`` into the node (main thread in Slicer) with its figures as attributes."""
+    write_segments(segmentation_node, volume_node, sitk.GetArrayViewFromImage(result.label_image), lesions=lesions)
+    for key, value in (
+        ("LiverSeg.LiverVolumeMl", f"{result.liver_ml:.1f}"),
+        ("LiverSeg.LesionCount", str(result.lesion_count)),
+        ("LiverSeg.LesionVolumeMl", f"{result.lesion_ml:.1f}"),
+        ("LiverSeg.Device", result.device),
+        ("LiverSeg.Seconds", f"{result.seconds:.2f}"),
+        ("LiverSeg.Model", f"{result.model_name} {result.model_version}"),
+        ("LiverSeg.LesionsValidated", str(result.lesions_validated)),
+    ):
+        segmentation_node.SetAttribute(key, value)
+
+
+def new_segmentation_node(volume_node):
+    node = volume_node.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} liver segmentation")
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
 def segment_volume_node(volume_node, segmentation_node=None, segmenter: Any = None, **options):
     """Segment a CT volume node; returns the segmentation node ("Liver", "Liver lesion").
 
@@ -147,26 +168,11 @@ def segment_volume_node(volume_node, segmentation_node=None, segmenter: Any = No
     from .pipeline import LiverSegmenter
 
     image = check_ct(image_from_volume_node(volume_node), f"volume '{volume_node.GetName()}'")
+    model, device = options.pop("model", None), options.pop("device", "auto")
     if segmenter is None:
-        segmenter = LiverSegmenter(options.pop("model", None) or BUNDLED_CARD, device=options.pop("device", "auto"))
-    else:
-        options.pop("model", None)
-        options.pop("device", None)
+        segmenter = LiverSegmenter(model or BUNDLED_CARD, device=device)
     result = segmenter.segment(image, **options)
-    scene = volume_node.GetScene()
     if segmentation_node is None:
-        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} liver segmentation")
-        segmentation_node.CreateDefaultDisplayNodes()
-    label_kji = sitk.GetArrayViewFromImage(result.label_image)
-    write_segments(segmentation_node, volume_node, label_kji, lesions=options.get("lesions", True))
-    for key, value in (
-        ("LiverSeg.LiverVolumeMl", f"{result.liver_ml:.1f}"),
-        ("LiverSeg.LesionCount", str(result.lesion_count)),
-        ("LiverSeg.LesionVolumeMl", f"{result.lesion_ml:.1f}"),
-        ("LiverSeg.Device", result.device),
-        ("LiverSeg.Seconds", f"{result.seconds:.2f}"),
-        ("LiverSeg.Model", f"{result.model_name} {result.model_version}"),
-        ("LiverSeg.LesionsValidated", str(result.lesions_validated)),
-    ):
-        segmentation_node.SetAttribute(key, value)
+        segmentation_node = new_segmentation_node(volume_node)
+    store_result(segmentation_node, volume_node, result, lesions=options.get("lesions", True))
     return segmentation_node
