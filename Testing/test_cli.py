@@ -184,3 +184,28 @@ def test_series_command_lists_series(capsys, data_root):
 def test_usage_errors_exit_2():
     done = subprocess.run([sys.executable, "-m", "LiverSegLib.cli", "segment"], capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_seg_nrrd_and_reports(capsys, tmp_path, data_root):
+    ct_path = data_root / "cases" / "ircad_01" / "ct.nii.gz"
+    output = tmp_path / "ircad_01.seg.nrrd"
+    code, out, err = run_cli(capsys, "segment", ct_path, "-o", output, "--report", tmp_path / "r.json", "--report", tmp_path / "r.md")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    label = sitk.ReadImage(str(output))
+    voxel_ml = np.prod(label.GetSpacing()) / 1000
+    array = sitk.GetArrayViewFromImage(label)
+    assert report["liver_volume_ml"] == pytest.approx(np.count_nonzero(array >= 1) * voxel_ml, abs=0.01)
+    assert report["lesion_total_ml"] == pytest.approx(np.count_nonzero(array == 2) * voxel_ml, abs=0.05)
+    assert report["lesion_count"] == len(report["lesion_volumes_ml"])
+    ct = sitk.GetArrayViewFromImage(sitk.ReadImage(str(ct_path)))
+    assert report["hu_inside_liver"]["liver"]["mean"] == pytest.approx(float(ct[array >= 1].mean()), abs=0.01)
+    assert report["lesion_burden_pct"] == pytest.approx(100 * report["lesion_total_ml"] / report["liver_volume_ml"], abs=0.01)
+    assert "liver volume" in (tmp_path / "r.md").read_text()
+    assert label.GetMetaData("Segment0_Name") == "Liver" and label.GetMetaData("Segment1_Name") == "Liver lesion"
+    assert "SCT^10200004^Liver" in label.GetMetaData("Segment0_Tags")
+
+
+def test_bad_report_path_is_refused_before_work(capsys, tmp_path, data_root):
+    ct = data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"
+    assert_refused(capsys, tmp_path, [ct, "--report", tmp_path / "report.txt"], "report must end with")

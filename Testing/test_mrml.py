@@ -15,7 +15,8 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from LiverSegLib.errors import LiverSegInputError  # noqa: E402
-from LiverSegLib.mrml import LIVER, LIVER_LESION, segment_volume_node  # noqa: E402
+from LiverSegLib.mrml import segment_volume_node  # noqa: E402
+from LiverSegLib.segments import LIVER, LIVER_LESION, SEGMENTS, terminology_entry  # noqa: E402
 
 from conftest import read_case  # noqa: E402
 
@@ -138,3 +139,36 @@ def test_label_map_and_empty_nodes_are_refused(scene, data_root, segmenter):
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(LiverSegInputError, match="no voxels"):
         segment_volume_node(empty, segmenter=segmenter)
+
+
+def test_our_terminology_strings_equal_slicers_serializer():
+    logic = slicer.vtkSlicerTerminologiesModuleLogic
+    for spec in SEGMENTS:
+        expected = logic.SerializeTerminologyEntry(
+            "Segmentation category and type - 3D Slicer General Anatomy list",
+            *spec.category, *spec.type, "", "", "",
+            "Anatomic codes - DICOM master list", *spec.anatomic_region, "", "", "",
+        )
+        assert terminology_entry(spec) == expected
+
+
+def test_cli_seg_nrrd_opens_in_slicer_as_named_segments(scene, data_root, segmenter, tmp_path):
+    """A ``.seg.nrrd`` written by the engine without Slicer is read by Slicer's own storage node."""
+    from LiverSegLib.outputs import write_segmentation
+
+    ct, _ = read_case(data_root, "ircad_01")
+    result = segmenter.segment(ct)
+    path = tmp_path / "engine.seg.nrrd"
+    write_segmentation(result, path)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "from engine")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    segmentation = node.GetSegmentation()
+    for spec in SEGMENTS:
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(spec.name))
+        assert segment is not None, spec.name
+        assert segment.GetColor() == pytest.approx(spec.color_rgb, abs=1e-5)
+        assert segment.GetTerminology() == terminology_entry(spec)
+    volume_node = volume_node_from_image(scene, ct, "CT")
+    assert np.array_equal(segment_on_volume_grid(scene, node, volume_node), sitk.GetArrayFromImage(result.label_image))

@@ -22,13 +22,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     segment = commands.add_parser("segment", help="segment a CT volume or DICOM series folder")
     segment.add_argument("input", help="CT as .nii.gz/.nii/.nrrd/.mha or a DICOM series folder")
-    segment.add_argument("-o", "--output", required=True, help="label map: .nii.gz, .nii, .nrrd or .mha (0 background, 1 liver, 2 lesion)")
+    segment.add_argument("-o", "--output", required=True, help="label map: .nii.gz, .nii, .nrrd or .mha (0 background, 1 liver, 2 lesion), or a Slicer segmentation .seg.nrrd")
     segment.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     segment.add_argument("--model", help="model card JSON (default: the bundled model)")
     segment.add_argument("--batch-size", type=int, help="slices per network batch (default: sized to the device)")
     segment.add_argument("--series", help="DICOM SeriesInstanceUID or series number, when a folder holds several")
     segment.add_argument("--no-lesions", action="store_true", help="liver only")
     segment.add_argument("--no-postprocess", action="store_true", help="keep every liver component and hole")
+    segment.add_argument("--report", action="append", default=[], metavar="PATH", help="volume report: .json and/or .md (repeatable)")
     series = commands.add_parser("series", help="list the DICOM series in a folder")
     series.add_argument("folder")
     return parser
@@ -49,12 +50,14 @@ def _progress_bar(total_hint: str):
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .io import check_output_path, read_ct, write_image_atomic
+    from .io import check_output_path, read_ct
     from .model import BUNDLED_CARD
+    from .outputs import OUTPUT_SUFFIXES, check_report_path, volume_report, write_report, write_segmentation
 
     if args.batch_size is not None and args.batch_size < 1:
         raise LiverSegInputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    output = check_output_path(args.output)
+    output = check_output_path(args.output, OUTPUT_SUFFIXES)
+    reports = [check_report_path(path) for path in args.report]
     input_path = Path(args.input)
     if input_path.exists() and output.exists() and output.resolve() == input_path.resolve():
         raise LiverSegInputError(f"output would overwrite the input: {output}")
@@ -73,8 +76,14 @@ def _segment(args: argparse.Namespace) -> int:
         )
     finally:
         close()
-    write_image_atomic(result.label_image, output)
+    write_segmentation(result, output, lesions=not args.no_lesions)
+    report = volume_report(image, result, str(input_path), str(output))
+    for path in reports:
+        write_report(report, path)
     print(f"{output}: {result.summary()}")
+    if report["lesion_count"]:
+        print(f"lesion burden {report['lesion_burden_pct']:.2f} % of the liver; largest lesions (mL): "
+              + ", ".join(f"{v:.1f}" for v in report["lesion_volumes_ml"][:5]))
     if not args.no_lesions and not result.lesions_validated:
         print("note: lesion output is experimental (cross-validated lesion Dice below 0.5; see the model card)")
     return 0

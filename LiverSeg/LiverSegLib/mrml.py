@@ -9,7 +9,6 @@ volume's IJK→RAS, so they are aligned voxel for voxel. ``slicer`` and ``vtk`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,44 +16,9 @@ import SimpleITK as sitk
 
 from .errors import LiverSegInputError
 from .io import check_ct
+from .segments import LIVER_LESION, SEGMENTS, terminology_entry
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-@dataclass(frozen=True)
-class SegmentSpec:
-    """Name, label value, colour and coded terminology of one output segment."""
-
-    segment_id: str
-    name: str
-    label_value: int
-    color_rgb: tuple[float, float, float]
-    category: tuple[str, str, str]  # (code, scheme, meaning)
-    type: tuple[str, str, str]
-    anatomic_region: tuple[str, str, str] = ("", "", "")
-
-
-# Slicer's "liver" colour from its General Anatomy colour table, SNOMED CT codes as Slicer's terminology.
-LIVER = SegmentSpec(
-    "liver", "Liver", 1, (221 / 255, 130 / 255, 101 / 255),
-    ("123037004", "SCT", "Anatomical Structure"), ("10200004", "SCT", "Liver"),
-)
-LIVER_LESION = SegmentSpec(
-    "liver_lesion", "Liver lesion", 2, (0.78, 0.20, 0.20),
-    ("49755003", "SCT", "Morphologically Altered Structure"), ("108369006", "SCT", "Neoplasm"),
-    ("10200004", "SCT", "Liver"),
-)
-SEGMENTS = (LIVER, LIVER_LESION)
-
-
-def terminology_entry(spec: SegmentSpec) -> str:
-    import slicer
-
-    return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
-        "Segmentation category and type - 3D Slicer General Anatomy list",
-        *spec.category, *spec.type, "", "", "",
-        "Anatomic codes - DICOM master list", *spec.anatomic_region, "", "", "",
-    )
 
 
 def _ijk_to_ras(volume_node) -> np.ndarray:
