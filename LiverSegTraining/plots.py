@@ -46,11 +46,11 @@ def plot_history(history: list[EpochRecord], output_dir: Path) -> list[Path]:
 def plot_prediction_panel(
     name: str, image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, probability: np.ndarray, path: Path
 ) -> Path:
-    """One axial slice: CT, ground truth, prediction, and the raw liver probability as a heatmap."""
+    """One axial slice: CT (HU, shown −200…300), ground truth, prediction, and the raw liver probability."""
     figure, axes = plt.subplots(1, 4, figsize=(14, 3.8))
-    panels = [("CT", image, "gray"), ("ground truth", truth, "viridis"), ("prediction", prediction, "viridis"), ("liver probability", probability, "magma")]
-    for axis, (title, values, colormap) in zip(axes, panels):
-        shown = axis.imshow(values, cmap=colormap, vmin=0, vmax=2 if colormap == "viridis" else 1)
+    panels = [("CT", image, "gray", (-200, 300)), ("ground truth", truth, "viridis", (0, 2)), ("prediction", prediction, "viridis", (0, 2)), ("liver probability", probability, "magma", (0, 1))]
+    for axis, (title, values, colormap, (low, high)) in zip(axes, panels):
+        shown = axis.imshow(values, cmap=colormap, vmin=low, vmax=high)
         axis.set_title(f"{name}: {title}" if title == "CT" else title)
         axis.axis("off")
         if title == "liver probability":

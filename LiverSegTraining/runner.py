@@ -70,7 +70,7 @@ def evaluate_case(segmenter: LiverSegmenter, case: Case, plot_path: Path | None 
         z = int((canonical_truth >= 1).sum((1, 2)).argmax())
         plot_prediction_panel(
             case.name,
-            transform.to_canonical(sitk.GetArrayViewFromImage(ct))[z].clip(-200, 300),
+            transform.to_canonical(sitk.GetArrayViewFromImage(ct))[z],
             canonical_truth[z],
             canonical_prediction[z],
             result.probabilities[z, 0].numpy(),

@@ -56,8 +56,8 @@ def test_no_lesions_and_no_postprocess(capsys, tmp_path, data_root):
     plain, raw = tmp_path / "plain.nii.gz", tmp_path / "raw.mha"
     assert run_cli(capsys, "segment", ct, "-o", plain, "--no-lesions")[0] == 0
     assert run_cli(capsys, "segment", ct, "-o", raw, "--no-postprocess")[0] == 0
-    assert 2 not in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(plain))))
-    assert sitk.GetArrayViewFromImage(sitk.ReadImage(str(raw))).any()
+    assert 2 not in np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(plain))))
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(raw))).any()
 
 
 def test_readme_command_on_the_shipped_sample(tmp_path):
@@ -198,7 +198,7 @@ def test_seg_nrrd_and_reports(capsys, tmp_path, data_root):
     assert report["liver_volume_ml"] == pytest.approx(np.count_nonzero(array >= 1) * voxel_ml, abs=0.01)
     assert report["lesion_total_ml"] == pytest.approx(np.count_nonzero(array == 2) * voxel_ml, abs=0.05)
     assert report["lesion_count"] == len(report["lesion_volumes_ml"])
-    ct = sitk.GetArrayViewFromImage(sitk.ReadImage(str(ct_path)))
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(ct_path)))
     assert report["hu_inside_liver"]["liver"]["mean"] == pytest.approx(float(ct[array >= 1].mean()), abs=0.01)
     assert report["lesion_burden_pct"] == pytest.approx(100 * report["lesion_total_ml"] / report["liver_volume_ml"], abs=0.01)
     assert "liver volume" in (tmp_path / "r.md").read_text()

@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import LiverSegInputError
 
 EXIT_INPUT_ERROR = 2
+DICOM_SEG_SUFFIX = ".dcm"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     segment = commands.add_parser("segment", help="segment a CT volume or DICOM series folder")
     segment.add_argument("input", help="CT as .nii.gz/.nii/.nrrd/.mha or a DICOM series folder")
-    segment.add_argument("-o", "--output", required=True, help="label map: .nii.gz, .nii, .nrrd or .mha (0 background, 1 liver, 2 lesion), or a Slicer segmentation .seg.nrrd")
+    segment.add_argument("-o", "--output", required=True, help="label map: .nii.gz, .nii, .nrrd or .mha (0 background, 1 liver, 2 lesion), a Slicer segmentation .seg.nrrd, or DICOM SEG .dcm (DICOM input)")
     segment.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     segment.add_argument("--model", help="model card JSON (default: the bundled model)")
     segment.add_argument("--batch-size", type=int, help="slices per network batch (default: sized to the device)")
@@ -50,18 +51,25 @@ def _progress_bar(total_hint: str):
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .io import check_output_path, read_ct
+    from .io import check_output_path, read_ct, read_dicom_series, select_series
     from .model import BUNDLED_CARD
     from .outputs import OUTPUT_SUFFIXES, check_report_path, volume_report, write_report, write_segmentation
 
     if args.batch_size is not None and args.batch_size < 1:
         raise LiverSegInputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    output = check_output_path(args.output, OUTPUT_SUFFIXES)
+    output = check_output_path(args.output, OUTPUT_SUFFIXES + (DICOM_SEG_SUFFIX,))
     reports = [check_report_path(path) for path in args.report]
     input_path = Path(args.input)
     if input_path.exists() and output.exists() and output.resolve() == input_path.resolve():
         raise LiverSegInputError(f"output would overwrite the input: {output}")
-    image = read_ct(input_path, args.series)
+    series = None
+    if str(output).lower().endswith(DICOM_SEG_SUFFIX):
+        if not input_path.is_dir():
+            raise LiverSegInputError(f"a DICOM SEG output ({output.name}) needs a DICOM series folder as input")
+        series = select_series(input_path, args.series)
+        image = read_dicom_series(series)
+    else:
+        image = read_ct(input_path, args.series)
     from .pipeline import LiverSegmenter
 
     segmenter = LiverSegmenter(args.model or BUNDLED_CARD, device=args.device)
@@ -76,7 +84,12 @@ def _segment(args: argparse.Namespace) -> int:
         )
     finally:
         close()
-    write_segmentation(result, output, lesions=not args.no_lesions)
+    if series is not None:
+        from .dicom_seg import write_dicom_seg
+
+        write_dicom_seg(result, series, output, lesions=not args.no_lesions)
+    else:
+        write_segmentation(result, output, lesions=not args.no_lesions)
     report = volume_report(image, result, str(input_path), str(output))
     for path in reports:
         write_report(report, path)

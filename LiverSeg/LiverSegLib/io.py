@@ -6,6 +6,7 @@ This is the one reader of the project: the CLI, the training package and the tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -57,7 +58,9 @@ def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     return series
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
+def select_series(folder: str | os.PathLike, series_uid: str | None = None) -> DicomSeries:
+    """The one series to read from ``folder``: the only one, or the one ``series_uid`` names (UID or number)."""
+    folder = Path(folder)
     series = list_dicom_series(folder)
     if not series:
         raise LiverSegInputError(f"no DICOM series found in folder: {folder}")
@@ -70,12 +73,19 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
         raise LiverSegInputError(
             f"{folder} holds {len(series)} DICOM series, choose one with --series: " + _describe(series)
         )
+    return series[0]
+
+
+def read_dicom_series(series: DicomSeries) -> sitk.Image:
+    """The series' slices in GDCM's position order, checked like any CT: slice k is ``series.files[k]``."""
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(series[0].files))
+    reader.SetFileNames(list(series.files))
+    folder = Path(series.files[0]).parent
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as error:
         raise LiverSegInputError(f"unreadable DICOM series in {folder}: {_first_line(error)}") from None
+    return check_ct(image, str(folder))
 
 
 def _describe(series: list[DicomSeries]) -> str:
@@ -113,13 +123,9 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Imag
     if not path.exists():
         raise LiverSegInputError(f"input does not exist: {path}")
     if path.is_dir():
-        image = _read_dicom_folder(path, series_uid)
-    elif image_suffix(path):
-        image = _read_file(path)
-    else:
-        # A single DICOM file or an image with an unknown extension: let ITK decide.
-        image = _read_file(path)
-    return check_ct(image, str(path))
+        return read_dicom_series(select_series(path, series_uid))
+    # NIfTI/NRRD/MHA, or a single DICOM file / unknown extension: ITK decides from the content.
+    return check_ct(_read_file(path), str(path))
 
 
 def check_ct(image: sitk.Image, source: str) -> sitk.Image:
@@ -158,15 +164,29 @@ def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] = LABEL
     return path
 
 
-def write_image_atomic(image: sitk.Image, path: str | os.PathLike) -> None:
-    """Write through a temporary file in the same folder and rename it: never a half-written output."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
+
+    The rename is atomic on one file system, so readers see the old file or the complete new one and a
+    failed run leaves nothing. The file gets the permissions a plain ``open`` would give it.
+    """
     path = Path(path)
-    suffix = next(s for s in LABEL_SUFFIXES + IMAGE_SUFFIXES if str(path).lower().endswith(s))
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
-        sitk.WriteImage(image, temporary, useCompression=True)
+        yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_image_atomic(image: sitk.Image, path: str | os.PathLike) -> None:
+    """Write an image (format from the extension) without ever leaving a half-written file."""
+    suffix = next(s for s in LABEL_SUFFIXES + IMAGE_SUFFIXES if str(path).lower().endswith(s))
+    with atomic_output(path, suffix) as temporary:
+        sitk.WriteImage(image, temporary, useCompression=True)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import LiverSegInputError
-from .io import LABEL_SUFFIXES, write_image_atomic
+from .io import LABEL_SUFFIXES, atomic_output, write_image_atomic
 from .pipeline import SegmentationResult
 from .postprocessing import LESION, LIVER
 from .segments import SEGMENTS, terminology_entry
@@ -127,11 +126,5 @@ def check_report_path(path: str | os.PathLike) -> Path:
 def write_report(report: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     text = json.dumps(report, indent=1) + "\n" if path.suffix.lower() == ".json" else report_markdown(report)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temporary:
+        Path(temporary).write_text(text)

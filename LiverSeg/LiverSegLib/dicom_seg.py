@@ -1,0 +1,142 @@
+"""DICOM SEG out (highdicom) for DICOM input, and DICOM SEG in (for checks against label maps).
+
+Writing: one segment per class with SNOMED CT codes, algorithm type AUTOMATIC with the model's name and
+version, frames referencing the source CT instances. The engine's label map lies on the grid of the
+series read by ``io.read_ct``, whose slice k is ``series.files[k]`` (both come from GDCM's position
+sort), so frame k of the SEG is slice k of the label map.
+
+Reading: frames are placed by their Image Position (Patient) on a reference grid, not by the
+referenced UIDs, as viewers do when UIDs are missing or do not point at the files at hand.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .errors import LiverSegInputError
+from .io import DicomSeries, atomic_output
+from .pipeline import SegmentationResult
+from .segments import LIVER_LESION, SEGMENTS, SegmentSpec
+
+
+def _code(triplet: tuple[str, str, str]):
+    from pydicom.sr.coding import Code
+
+    value, scheme, meaning = triplet
+    return Code(value, scheme, meaning)
+
+
+def _lab_color(rgb: tuple[float, float, float]):
+    """sRGB (0..1) → CIELab (D65 white), the colour space of DICOM's Recommended Display CIELab Value."""
+    from highdicom.color import CIELabColor
+
+    linear = [((c + 0.055) / 1.055) ** 2.4 if c > 0.04045 else c / 12.92 for c in rgb]
+    matrix = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = matrix @ np.array(linear) / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    lightness, a, b = 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+    return CIELabColor(float(np.clip(lightness, 0, 100)), float(np.clip(a, -128, 127)), float(np.clip(b, -128, 127)))
+
+
+def _description(number: int, spec: SegmentSpec, model_name: str, model_version: str):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=spec.name,
+        segmented_property_category=_code(spec.category),
+        segmented_property_type=_code(spec.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=model_name, family=codes.cid7162.ArtificialIntelligence, version=model_version
+        ),
+        anatomic_regions=[_code(spec.anatomic_region)] if spec.anatomic_region[0] else None,
+        display_color=_lab_color(spec.color_rgb),
+    )
+
+
+def build_dicom_seg(result: SegmentationResult, series: DicomSeries, lesions: bool = True):
+    """A highdicom ``Segmentation`` of ``result`` referencing the CT instances of ``series``."""
+    import highdicom as hd
+    import pydicom
+
+    with warnings.catch_warnings():  # single-component patient names are common in real exports
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        datasets = [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]
+    for dataset in datasets:
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+            if not str(getattr(dataset, keyword, "") or "").strip():
+                raise LiverSegInputError(
+                    f"source DICOM {Path(dataset.filename).name} has an empty {keyword}: a DICOM SEG cannot reference it; "
+                    "write .nii.gz/.seg.nrrd instead or fix the UIDs"
+                )
+    label = sitk.GetArrayViewFromImage(result.label_image)
+    if label.shape[0] != len(datasets) or label.shape[1:] != (int(datasets[0].Rows), int(datasets[0].Columns)):
+        raise LiverSegInputError("the label map does not match the DICOM series' frames")
+    specs = [s for s in SEGMENTS if lesions or s is not LIVER_LESION]
+    pixels = np.stack([label == spec.label_value for spec in specs], axis=-1).astype(np.uint8)
+    first = datasets[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        return hd.seg.Segmentation(
+            source_images=datasets,
+            pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[_description(i + 1, s, result.model_name, result.model_version) for i, s in enumerate(specs)],
+            series_instance_uid=hd.UID(),
+            series_number=int(getattr(first, "SeriesNumber", 0) or 0) + 1000,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="LiverSeg",
+            manufacturer_model_name=result.model_name,
+            software_versions=f"LiverSeg {__version__}; model {result.model_version}",
+            device_serial_number="0",
+            content_description="Liver and liver lesion segmentation",
+            content_label="LIVERSEG",
+            series_description="LiverSeg liver segmentation",
+            omit_empty_frames=bool(pixels.any()),
+        )
+
+
+def write_dicom_seg(result: SegmentationResult, series: DicomSeries, path: str | os.PathLike, lesions: bool = True) -> None:
+    seg = build_dicom_seg(result, series, lesions)
+    with atomic_output(path, ".dcm") as temporary:
+        seg.save_as(temporary)
+
+
+def read_dicom_seg(path: str | os.PathLike, reference: sitk.Image) -> dict[str, np.ndarray]:
+    """Segment label → boolean (k, j, i) mask on ``reference``'s grid, frames placed by position."""
+    import pydicom
+
+    try:
+        seg = pydicom.dcmread(str(path))
+    except Exception as error:  # noqa: BLE001 - any parse failure is a bad input file
+        raise LiverSegInputError(f"not a readable DICOM SEG: {path} ({error})") from None
+    if getattr(seg, "Modality", "") != "SEG":
+        raise LiverSegInputError(f"{path} is not a DICOM SEG (modality {getattr(seg, 'Modality', '?')})")
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+    labels = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
+    masks = {label: np.zeros(sitk.GetArrayViewFromImage(reference).shape, bool) for label in labels.values()}
+    size = reference.GetSize()
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
+
+    def functional_group(item, keyword: str):
+        """A per-frame functional group, or the shared one when all frames have the same."""
+        return getattr(item, keyword, None) or getattr(shared, keyword)
+
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        number = int(functional_group(item, "SegmentIdentificationSequence")[0].ReferencedSegmentNumber)
+        position = [float(v) for v in functional_group(item, "PlanePositionSequence")[0].ImagePositionPatient]
+        index = reference.TransformPhysicalPointToContinuousIndex(position)
+        k = int(round(index[2]))
+        if not (0 <= k < size[2]) or abs(index[2] - k) > 0.1 or max(abs(index[0]), abs(index[1])) > 0.1:
+            raise LiverSegInputError(f"SEG frame at {position} does not lie on a slice of the reference image")
+        masks[labels[number]][k] |= frame.astype(bool)
+    return masks

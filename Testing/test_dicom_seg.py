@@ -1,0 +1,100 @@
+"""DICOM SEG: written with highdicom from real DICOM CT, read back three ways (ours by position,
+highdicom by referenced instance, dcmqi's segimage2itkimage), validated by dciodvfy; existing real SEGs
+read against their label maps."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LiverSegLib.dicom_seg import read_dicom_seg, write_dicom_seg
+from LiverSegLib.io import read_dicom_series, select_series
+
+from test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def written_seg(data_root, segmenter, tmp_path_factory):
+    series = select_series(data_root / "dicom" / "crlm_1004_ct")
+    image = read_dicom_series(series)
+    result = segmenter.segment(image)
+    path = tmp_path_factory.mktemp("seg") / "crlm_1004_liver.dcm"
+    write_dicom_seg(result, series, path)
+    return path, series, image, sitk.GetArrayFromImage(result.label_image)
+
+
+def test_seg_reads_back_by_position(written_seg):
+    path, _, image, label = written_seg
+    masks = read_dicom_seg(path, image)
+    assert set(masks) == {"Liver", "Liver lesion"}
+    assert np.array_equal(masks["Liver"], label == 1) and np.array_equal(masks["Liver lesion"], label == 2)
+    assert masks["Liver"].any()
+
+
+def test_seg_reads_back_by_referenced_instance_with_highdicom(written_seg):
+    import highdicom as hd
+    import pydicom
+
+    path, series, _, label = written_seg
+    seg = hd.seg.segread(str(path))
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "108369006"
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "liverseg-unet-resnet18"
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in series.files]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2], combine_segments=True, skip_overlap_checks=True)
+    assert np.array_equal(pixels, label)
+
+
+def test_seg_passes_dciodvfy(written_seg):
+    path = written_seg[0]
+    done = subprocess.run([shutil.which("dciodvfy"), "-new", str(path)], capture_output=True, text=True)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+    assert errors == [], errors
+
+
+def test_dcmqi_reads_our_seg_identically(written_seg, tmp_path):
+    path, _, image, label = written_seg
+    done = subprocess.run(
+        [shutil.which("segimage2itkimage"), "--inputDICOM", str(path), "--outputDirectory", str(tmp_path), "--outputType", "nrrd", "--prefix", "seg"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    for number, value in ((1, 1), (2, 2)):
+        segment = sitk.ReadImage(str(tmp_path / f"seg-{number}.nrrd"))
+        on_grid = sitk.Resample(segment, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        assert np.array_equal(sitk.GetArrayViewFromImage(on_grid) > 0, label == value), number
+
+
+@pytest.mark.parametrize(
+    "seg_path, case",
+    [("dcmqi_ct3slice/SEG", "dcmqi_ct3slice"), ("totalseg_example/SEG", "totalseg_example_dicom_MODEL")],
+)
+def test_existing_real_segs_match_their_label_maps(data_root, seg_path, case):
+    path = data_root / "dicom" / seg_path
+    if path.is_dir():
+        path = next(p for p in sorted(path.iterdir()) if p.is_file())
+    reference = sitk.ReadImage(str(data_root / "cases" / case / "ct.nii.gz"))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(data_root / "cases" / case / "label.nii.gz")))
+    masks = read_dicom_seg(path, reference)
+    liver = next(mask for name, mask in masks.items() if "liver" in name.lower())
+    assert liver.any() and np.array_equal(liver, label >= 1)
+
+
+def test_dicom_seg_output_needs_dicom_input(capsys, tmp_path, data_root):
+    code, _, err = run_cli(capsys, "segment", data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", "-o", tmp_path / "x.dcm")
+    assert code == 2 and "needs a DICOM series folder" in err and not (tmp_path / "x.dcm").exists()
+
+
+def test_malformed_export_without_uids(capsys, tmp_path, data_root):
+    """The TotalSegmentator example's empty UIDs: read as a volume, refused (clearly) as a SEG source."""
+    folder = data_root / "dicom" / "totalseg_example" / "CT"
+    code, out, err = run_cli(capsys, "segment", folder, "-o", tmp_path / "ok.nii.gz")
+    assert (code == 0 and (tmp_path / "ok.nii.gz").exists()) or (code == 2 and len(err.strip().splitlines()) == 1), err
+    code, _, err = run_cli(capsys, "segment", folder, "-o", tmp_path / "bad.dcm")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.dcm").exists()
