@@ -121,7 +121,7 @@ def test_folder_without_dicom(capsys, tmp_path):
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "a.txt").write_text("hello")
-    assert_refused(capsys, tmp_path, [folder], "no DICOM series")
+    assert_refused(capsys, tmp_path, [folder], "no DICOM CT series")
 
 
 def test_output_folder_missing(capsys, tmp_path, data_root):
@@ -178,7 +178,7 @@ def test_missing_or_broken_card(capsys, tmp_path, data_root):
 
 def test_series_command_lists_series(capsys, data_root):
     code, out, _ = run_cli(capsys, "series", data_root / "dicom" / "crlm_1004_ct")
-    assert code == 0 and "41 slices" in out
+    assert code == 0 and "    41    5.00mm  CT CH/AB/PEL" in out
 
 
 def test_usage_errors_exit_2():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def test_two_series_in_one_folder_need_a_choice(data_root, tmp_path):
         path.rename(study / f"{path.parent.name}_{path.name}")
     series = list_dicom_series(study)
     assert sorted(len(s.files) for s in series) == [3, 41]
-    with pytest.raises(LiverSegInputError, match="holds 2 DICOM series"):
+    with pytest.raises(LiverSegInputError, match="holds 2 DICOM CT series"):
         read_ct(study)
     chosen = next(s for s in series if len(s.files) == 3)
     assert read_ct(study, chosen.uid).GetSize()[2] == 3
@@ -84,3 +85,46 @@ def test_intensities_outside_ct_range_warn(data_root):
     mr_like = sitk.Cast(sitk.RescaleIntensity(ct, 0, 1000), sitk.sitkFloat32)
     with pytest.warns(UserWarning, match="do not look like CT"):
         check_ct(mr_like, "mr-like")
+
+
+def test_study_folder_with_reformat_and_subfolders(data_root, tmp_path):
+    """Two real series in nested folders plus a single-slice reformat made from a real slice: the
+    reformat is dropped, the two series are listed, --series picks one."""
+    import pydicom
+
+    study = tmp_path / "study"
+    shutil.copytree(data_root / "dicom" / "crlm_1004_ct", study / "ct" / "series_a")
+    shutil.copytree(data_root / "dicom" / "totalseg_example" / "CT_uidfixed", study / "other" / "deeper")
+    reformat = pydicom.dcmread(sorted((data_root / "dicom" / "crlm_1004_ct").iterdir())[10])
+    reformat.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.777"
+    reformat.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal reformat of one slice
+    reformat.save_as(study / "reformat.dcm")
+    (study / "notes.txt").write_text("not DICOM")
+    series = list_dicom_series(study)
+    assert sorted(len(s.files) for s in series) == [20, 41]
+    with pytest.raises(LiverSegInputError, match="holds 2 DICOM CT series"):
+        read_ct(study)
+    assert read_ct(study, "2").GetSize() == (512, 512, 41)
+
+
+def test_missing_slice_is_reported_not_interpolated(data_root, tmp_path):
+    folder = shuffled_copy(data_root / "dicom" / "crlm_1004_ct", tmp_path / "gap")
+    series = list_dicom_series(folder)[0]
+    Path(series.files[20]).unlink()
+    with pytest.raises(LiverSegInputError, match="missing slice"):
+        read_ct(folder)
+
+
+def test_localizer_and_non_ct_objects_are_not_series(data_root, tmp_path):
+    import pydicom
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for index, path in enumerate(sorted((data_root / "dicom" / "crlm_1004_ct").iterdir())[:3]):
+        dataset = pydicom.dcmread(path)
+        dataset.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        dataset.save_as(folder / f"scout{index}.dcm")
+    shutil.copy(data_root / "dicom" / "dcmqi_ct3slice" / "SEG" / "liver_seg.dcm", folder / "seg.dcm")
+    assert list_dicom_series(folder) == []
+    with pytest.raises(LiverSegInputError, match="no DICOM CT series"):
+        read_ct(folder)

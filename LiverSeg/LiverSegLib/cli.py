@@ -110,9 +110,10 @@ def _series(args: argparse.Namespace) -> int:
         raise LiverSegInputError(f"not a folder: {folder}")
     found = list_dicom_series(folder)
     if not found:
-        raise LiverSegInputError(f"no DICOM series found in folder: {folder}")
+        raise LiverSegInputError(f"no DICOM CT series found in folder: {folder}")
+    print(f"{'number':>6}  {'slices':>6}  {'spacing':>8}  description / SeriesInstanceUID")
     for series in found:
-        print(f"{series.number or '-':>6}  {len(series.files):4d} slices  {series.description or '(no description)'}  {series.uid}")
+        print(f"{series.number or '-':>6}  {len(series.files):6d}  {series.spacing_mm:6.2f}mm  {series.description or '(no description)'}  {series.uid or '(no UID)'}")
     return 0
 
 

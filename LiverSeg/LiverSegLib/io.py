@@ -24,14 +24,28 @@ LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 MAX_VOXELS = 1 << 30
 
 
+CT_IMAGE_STORAGE = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"}  # CT, Enhanced CT
+# A gap between neighbouring slices larger than this many times the usual step is a missing slice.
+MISSING_SLICE_FACTOR = 1.5
+
+
 @dataclass(frozen=True)
 class DicomSeries:
-    """One DICOM series found in a folder, with its files sorted along the slice normal."""
+    """One CT series found in a folder, files sorted by position along the slice normal."""
 
     uid: str
     files: tuple[str, ...]
     description: str
     number: str
+    positions_mm: tuple[float, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"#{self.number or '?'} '{self.description}' ({len(self.files)} slices, {self.spacing_mm:.2f} mm) {self.uid or '(no UID)'}"
+
+    @property
+    def spacing_mm(self) -> float:
+        return float(np.median(np.diff(self.positions_mm))) if len(self.positions_mm) > 1 else 0.0
 
 
 def image_suffix(path: str | os.PathLike) -> str:
@@ -40,22 +54,56 @@ def image_suffix(path: str | os.PathLike) -> str:
     return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), "")
 
 
-def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """The DICOM series in ``folder``; GDCM sorts each by image position, not by file name."""
-    reader = sitk.ImageSeriesReader()
-    series = []
-    for uid in reader.GetGDCMSeriesIDs(str(folder)) or ():
-        files = tuple(reader.GetGDCMSeriesFileNames(str(folder), uid))
-        probe = sitk.ImageFileReader()
-        probe.SetFileName(files[0])
+def _dicom_headers(folder: Path):
+    """(path, header) of every DICOM file below ``folder`` (recursively); other files are skipped."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
-            probe.ReadImageInformation()
-            description = probe.GetMetaData("0008|103e").strip() if probe.HasMetaDataKey("0008|103e") else ""
-            number = probe.GetMetaData("0020|0011").strip() if probe.HasMetaDataKey("0020|0011") else ""
-        except RuntimeError:
-            description, number = "", ""
-        series.append(DicomSeries(uid=uid, files=files, description=description, number=number))
-    return series
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, TypeError):
+            continue
+        yield path, header
+
+
+def _is_ct_slice(header) -> bool:
+    sop_class = str(getattr(header, "SOPClassUID", "") or "")
+    is_ct = sop_class in CT_IMAGE_STORAGE or (not sop_class and getattr(header, "Modality", "") == "CT")
+    image_type = [str(v).upper() for v in (getattr(header, "ImageType", None) or [])]
+    has_geometry = "ImagePositionPatient" in header and "ImageOrientationPatient" in header and "Rows" in header
+    return is_ct and has_geometry and "LOCALIZER" not in image_type
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
+    """The CT series below ``folder``: grouped by SeriesInstanceUID, then by orientation and size (for
+    series that mix them), localizers and non-CT objects dropped, single-slice groups (reformats, lone
+    slices) dropped, each sorted by position along the slice normal — never by file name."""
+    groups: dict[tuple, list[tuple[float, str, object]]] = {}
+    for path, header in _dicom_headers(Path(folder)):
+        if not _is_ct_slice(header):
+            continue
+        orientation = np.array([float(v) for v in header.ImageOrientationPatient])
+        normal = np.cross(orientation[:3], orientation[3:])
+        position = float(np.dot([float(v) for v in header.ImagePositionPatient], normal))
+        key = (str(getattr(header, "SeriesInstanceUID", "") or ""), tuple(np.round(orientation, 3)), int(header.Rows), int(header.Columns))
+        groups.setdefault(key, []).append((position, str(path), header))
+    series = []
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda member: member[0])
+        header = members[0][2]
+        series.append(
+            DicomSeries(
+                uid=key[0],
+                files=tuple(m[1] for m in members),
+                description=str(getattr(header, "SeriesDescription", "") or "").strip(),
+                number=str(getattr(header, "SeriesNumber", "") or "").strip(),
+                positions_mm=tuple(m[0] for m in members),
+            )
+        )
+    return sorted(series, key=lambda s: (s.number, s.uid))
 
 
 def select_series(folder: str | os.PathLike, series_uid: str | None = None) -> DicomSeries:
@@ -63,7 +111,7 @@ def select_series(folder: str | os.PathLike, series_uid: str | None = None) -> D
     folder = Path(folder)
     series = list_dicom_series(folder)
     if not series:
-        raise LiverSegInputError(f"no DICOM series found in folder: {folder}")
+        raise LiverSegInputError(f"no DICOM CT series found in folder: {folder}")
     if series_uid is not None:
         chosen = [s for s in series if series_uid in (s.uid, s.number)]
         if not chosen:
@@ -71,13 +119,26 @@ def select_series(folder: str | os.PathLike, series_uid: str | None = None) -> D
         series = chosen
     if len(series) > 1:
         raise LiverSegInputError(
-            f"{folder} holds {len(series)} DICOM series, choose one with --series: " + _describe(series)
+            f"{folder} holds {len(series)} DICOM CT series, choose one with --series: " + _describe(series)
         )
     return series[0]
 
 
+def check_slice_spacing(series: DicomSeries) -> None:
+    """Refuse a series with a missing or duplicated slice rather than interpolating over the gap."""
+    steps = np.diff(series.positions_mm)
+    usual = float(np.median(steps))
+    if usual <= 1e-3 or np.any(steps <= 1e-3):
+        raise LiverSegInputError(f"DICOM series {series.label} has slices at the same position (duplicates or mixed series)")
+    gaps = np.flatnonzero(steps > MISSING_SLICE_FACTOR * usual)
+    if gaps.size:
+        where = ", ".join(f"{series.positions_mm[i]:.1f}–{series.positions_mm[i + 1]:.1f} mm" for i in gaps[:3])
+        raise LiverSegInputError(f"DICOM series {series.label} has missing slice(s): gap at {where} (usual step {usual:.2f} mm)")
+
+
 def read_dicom_series(series: DicomSeries) -> sitk.Image:
-    """The series' slices in GDCM's position order, checked like any CT: slice k is ``series.files[k]``."""
+    """The series' slices in position order, checked like any CT: slice k is ``series.files[k]``."""
+    check_slice_spacing(series)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(series.files))
     folder = Path(series.files[0]).parent
@@ -89,7 +150,7 @@ def read_dicom_series(series: DicomSeries) -> sitk.Image:
 
 
 def _describe(series: list[DicomSeries]) -> str:
-    return "; ".join(f"{s.uid} (#{s.number or '?'} '{s.description}', {len(s.files)} slices)" for s in series)
+    return "; ".join(s.label for s in series)
 
 
 def _first_line(error: Exception) -> str:
