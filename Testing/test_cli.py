@@ -209,3 +209,40 @@ def test_seg_nrrd_and_reports(capsys, tmp_path, data_root):
 def test_bad_report_path_is_refused_before_work(capsys, tmp_path, data_root):
     ct = data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"
     assert_refused(capsys, tmp_path, [ct, "--report", tmp_path / "report.txt"], "report must end with")
+
+
+def test_jpeg_input(capsys, tmp_path, data_root):
+    ct = sitk.ReadImage(str(data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz"))
+    photo = tmp_path / "slice.jpg"
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(ct[:, :, 1], 0, 255), sitk.sitkUInt8), str(photo))
+    assert_refused(capsys, tmp_path, [photo], "2D image")
+
+
+def test_huge_header_without_data(capsys, tmp_path):
+    header = tmp_path / "huge.nrrd"  # a valid header for 10¹³ voxels, and no pixel data at all
+    header.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 100000 100000 1000\nendian: little\nencoding: raw\n\n")
+    assert_refused(capsys, tmp_path, [header], "more than LiverSeg accepts")
+
+
+def test_single_dicom_slice_file_and_folder(capsys, tmp_path, data_root):
+    source = sorted((data_root / "dicom" / "crlm_1004_ct").iterdir())[20]
+    assert_refused(capsys, tmp_path, [source], "single slice")
+    folder = tmp_path / "one_slice"
+    folder.mkdir()
+    shutil.copy(source, folder / "only.dcm")
+    assert_refused(capsys, tmp_path, [folder], "no DICOM CT series")
+
+
+def test_output_parent_is_a_file(capsys, tmp_path, data_root):
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(capsys, "segment", data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", "-o", tmp_path / "afile" / "out.nii.gz")
+    assert code == 2 and "output folder does not exist" in err
+
+
+def test_mr_like_intensities_warn_and_go_on(capsys, tmp_path, data_root):
+    ct = sitk.ReadImage(str(data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"))
+    mr_like = tmp_path / "mr.nii.gz"
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(ct, 0, 1000), sitk.sitkInt16), str(mr_like))
+    with pytest.warns(UserWarning, match="do not look like CT"):
+        code, _, err = run_cli(capsys, "segment", mr_like, "-o", tmp_path / "mr_label.nii.gz")
+    assert code == 0 and (tmp_path / "mr_label.nii.gz").exists()

@@ -164,8 +164,8 @@ def _read_file(path: Path) -> sitk.Image:
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-    except RuntimeError:
-        raise LiverSegInputError(f"not a readable image: {path}") from None
+    except RuntimeError as error:
+        raise LiverSegInputError(f"not a readable image: {path} ({_first_line(error)})") from None
     voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents()
     if voxels > MAX_VOXELS:
         raise LiverSegInputError(f"image header claims {voxels} voxels, more than LiverSeg accepts: {path}")
