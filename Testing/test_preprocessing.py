@@ -75,3 +75,20 @@ def test_lesions_only_inside_the_cleaned_liver():
     assert np.count_nonzero(label == 1) == liver.sum() - 1
     raw = compose_label_map(liver, lesion, keep_largest=False, fill=False)
     assert raw[2, 8, 8] == 2
+
+
+def test_cropping_to_the_organ_changes_nothing():
+    """Post-processing inside the bounding box equals the same steps on the whole volume."""
+    from LiverSegLib.postprocessing import bounding_box
+
+    generator = np.random.default_rng(0)
+    liver = np.zeros((20, 40, 40), bool)
+    liver[5:15, 10:30, 8:33] = generator.random((10, 20, 25)) > 0.25
+    liver[0, 0, 0] = liver[19, 39, 39] = False
+    lesion = np.zeros_like(liver)
+    lesion[8:11, 15:18, 15:18] = True
+    organ = liver | lesion
+    expected = fill_holes(largest_component(organ)).astype(np.uint8)
+    expected[lesion & (expected == 1)] = 2
+    assert np.array_equal(compose_label_map(liver, lesion), expected)
+    assert bounding_box(organ) == (slice(4, 16), slice(9, 31), slice(7, 34))
