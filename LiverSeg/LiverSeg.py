@@ -6,8 +6,6 @@ layer, ``LiverSegLib.mrml``), ``LiverSegTest`` (a self-test that really runs inf
 imports torch at load time: the module loads, and passes Slicer's generic tests, before torch exists.
 """
 
-from __future__ import annotations
-
 import importlib.util
 import logging
 import os
