@@ -106,12 +106,16 @@ def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], ou
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:
+    """Mean and worst case of each figure: lowest overlap, largest distance, largest absolute volume error."""
     summary = {}
     for key in SUMMARY_KEYS:
         values = [float(r[key]) for r in rows if key in r and not math.isnan(float(r[key]))]
         if values:
             summary[f"mean_{key}"] = float(np.mean(values))
-            summary[f"min_{key}"] = float(np.min(values))
+            if key.endswith(("_dice", "_iou")):
+                summary[f"worst_{key}"] = float(np.min(values))
+            else:
+                summary[f"worst_{key}"] = float(max(values, key=abs))
     return summary
 
 

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from LiverSegLib.dicom_seg import read_dicom_seg, write_dicom_seg
-from LiverSegLib.io import read_dicom_series, select_series
+from LiverSegLib.io import list_dicom_series, read_dicom_series, select_series
 
 from test_cli import run_cli
 
@@ -98,3 +98,28 @@ def test_malformed_export_without_uids(capsys, tmp_path, data_root):
     code, _, err = run_cli(capsys, "segment", folder, "-o", tmp_path / "bad.dcm")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.dcm").exists()
+
+
+def test_study_folder_through_the_cli(capsys, tmp_path, data_root):
+    """Two real series (one JPEG 2000 compressed) and a reformat slice in one study: refused with the
+    list without --series; with it, that series is segmented and written as a DICOM SEG."""
+    import pydicom
+
+    study = tmp_path / "study"
+    shutil.copytree(data_root / "dicom" / "crlm_1004_ct", study / "a")
+    shutil.copytree(data_root / "dicom" / "totalseg_example" / "CT_uidfixed", study / "b")
+    reformat = pydicom.dcmread(sorted((data_root / "dicom" / "crlm_1004_ct").iterdir())[5])
+    reformat.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.778"
+    reformat.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    reformat.save_as(study / "sagittal_reformat.dcm")
+    code, _, err = run_cli(capsys, "segment", study, "-o", tmp_path / "x.dcm")
+    assert code == 2 and "choose one with --series" in err and "CT CH/AB/PEL" in err and "CT Body 3.0" in err
+    uid = next(s.uid for s in list_dicom_series(study) if len(s.files) == 20)
+    output = tmp_path / "totalseg_seg.dcm"
+    code, out, err = run_cli(capsys, "segment", study, "--series", uid, "-o", output)
+    assert code == 0, err
+    seg = pydicom.dcmread(output)
+    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    source = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in sorted((study / "b").iterdir())}
+    assert referenced == source
+    assert str(pydicom.dcmread(next((study / "b").iterdir())).file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.90"  # JPEG 2000

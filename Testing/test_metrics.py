@@ -65,3 +65,15 @@ def test_label_map_metrics_split_liver_and_lesion():
     row = label_map_metrics(prediction, truth, (1, 1, 1), lesion_labelled=True)
     assert row["liver_dice"] == 1.0 and row["lesion_dice"] == 0.0
     assert "lesion_dice" not in label_map_metrics(prediction, truth, (1, 1, 1), lesion_labelled=False)
+
+
+def test_summary_reports_the_worst_case_of_each_figure():
+    from LiverSegTraining.runner import summarise
+
+    rows = [
+        {"liver_dice": 0.9, "liver_hd95_mm": 10.0, "liver_volume_error_pct": -8.0},
+        {"liver_dice": 0.8, "liver_hd95_mm": 30.0, "liver_volume_error_pct": 5.0},
+    ]
+    summary = summarise(rows)
+    assert summary["worst_liver_dice"] == 0.8 and summary["worst_liver_hd95_mm"] == 30.0
+    assert summary["worst_liver_volume_error_pct"] == -8.0 and summary["mean_liver_dice"] == pytest.approx(0.85)
