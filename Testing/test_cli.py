@@ -246,3 +246,11 @@ def test_mr_like_intensities_warn_and_go_on(capsys, tmp_path, data_root):
     with pytest.warns(UserWarning, match="do not look like CT"):
         code, _, err = run_cli(capsys, "segment", mr_like, "-o", tmp_path / "mr_label.nii.gz")
     assert code == 0 and (tmp_path / "mr_label.nii.gz").exists()
+
+
+def test_truncated_uncompressed_nifti(capsys, tmp_path, data_root):
+    full = tmp_path / "full.nii"
+    sitk.WriteImage(sitk.ReadImage(str(data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz")), str(full))
+    truncated = tmp_path / "cut.nii"
+    truncated.write_bytes(full.read_bytes()[:100_000])
+    assert_refused(capsys, tmp_path, [truncated], "truncated image")

@@ -37,7 +37,10 @@ def test_card_documents_data_licences_command_and_cross_validation():
     card = read_card(BUNDLED_CARD)
     assert card.training["command"].startswith("liverseg-train")
     assert all(entry["licence"] for entry in card.training["cases"])
-    assert all(entry["label"] == "expert" for entry in card.training["cases"])
+    labels = {entry["case"]: entry["label"] for entry in card.training["cases"]}
+    assert set(EXPERT_CASES) <= {case for case, label in labels.items() if label == "expert"}
+    # Model-made labels may only train as marked weak data, never as experts.
+    assert all(label == "model" for case, label in labels.items() if case.endswith("_MODEL"))
     rows = {row["case"]: row for row in card.evaluation["per_case"]}
     assert set(EXPERT_CASES) <= set(rows), "every expert case needs its cross-validated row"
     for name in EXPERT_CASES:

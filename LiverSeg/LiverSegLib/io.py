@@ -7,9 +7,12 @@ This is the one reader of the project: the CLI, the training package and the tes
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import struct
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +162,29 @@ def _first_line(error: Exception) -> str:
     return (meaningful[-1] if meaningful else type(error).__name__)[:200]
 
 
+def _check_complete(path: Path) -> None:
+    """ITK's NIfTI reader fills a truncated file with zeros without a word: check the bytes are all there."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as stream:
+                while stream.read(1 << 24):
+                    pass
+        except (EOFError, OSError, zlib.error) as error:
+            raise LiverSegInputError(f"corrupted or truncated image {path}: {error}") from None
+    elif name.endswith(".nii"):
+        with open(path, "rb") as stream:
+            header = stream.read(348)
+        if len(header) == 348 and struct.unpack("<i", header[:4])[0] in (348, 1543569408):
+            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bits = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            expected = offset + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bits // 8
+            if path.stat().st_size < expected:
+                raise LiverSegInputError(f"truncated image {path}: {path.stat().st_size} bytes, header needs {expected}")
+
+
 def _read_file(path: Path) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -169,6 +195,7 @@ def _read_file(path: Path) -> sitk.Image:
     voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents()
     if voxels > MAX_VOXELS:
         raise LiverSegInputError(f"image header claims {voxels} voxels, more than LiverSeg accepts: {path}")
+    _check_complete(path)
     try:
         return reader.Execute()
     except RuntimeError as error:
