@@ -100,7 +100,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text())
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise LiverSegInputError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as error:

@@ -121,11 +121,11 @@ def summarise(rows: list[dict]) -> dict[str, float]:
 
 def write_table(rows: list[dict], path_stem: Path) -> None:
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path_stem.with_suffix(".csv"), "w", newline="") as stream:
+    with open(path_stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    path_stem.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    path_stem.with_suffix(".json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -191,7 +191,7 @@ Summary: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in 
 
 Lesion output: {status}.
 """
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
 
 
 __all__ = ["crossvalidate", "train_final", "evaluate_case", "load_cases", "write_results"]

@@ -72,7 +72,7 @@ def case_folders(root: Path) -> list[Case]:
         meta: dict = {}
         for meta_name in ("info.json", "stats.json"):
             if (folder / meta_name).is_file():
-                meta.update(json.loads((folder / meta_name).read_text()))
+                meta.update(json.loads((folder / meta_name).read_text(encoding="utf-8")))
         origin = str(meta.get("label_origin", "")).upper()
         if folder.name.endswith("_MODEL") or "MODEL-MADE" in origin:
             kind = "model"
@@ -169,7 +169,7 @@ def slice_sets(root: Path, png_window_hu: tuple[float, float] = (-250.0, 250.0),
     images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in (".png", ".npy"))
     patients: dict[str, str] = {}
     if (root / "patients.csv").is_file():
-        with open(root / "patients.csv", newline="") as stream:
+        with open(root / "patients.csv", newline="", encoding="utf-8") as stream:
             patients = {row["file"]: row["patient"] for row in csv.DictReader(stream)}
     by_patient: dict[str, list[Path]] = {}
     for image in images:

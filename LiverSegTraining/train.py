@@ -152,6 +152,6 @@ def train(
             "cycle %d epoch %d: loss %.4f, val liver Dice %.4f, lesion %.4f, lr %.2e, %.0f s",
             cycle + 1, epoch + 1, record.train_loss, val_liver, val_lesion, record.lr, record.seconds,
         )
-    (output_dir / "history.json").write_text(json.dumps([asdict(r) for r in history], indent=1))
+    (output_dir / "history.json").write_text(json.dumps([asdict(r) for r in history], indent=1), encoding="utf-8")
     network.load_state_dict(torch.load(best_path, weights_only=True))
     return TrainResult(card, network.eval(), history, best_dice if val_cases else float("nan"))

@@ -79,7 +79,7 @@ def test_missing_input(capsys, tmp_path):
 
 def test_not_an_image(capsys, tmp_path):
     fake = tmp_path / "notes.nii.gz"
-    fake.write_text("this is not an image")
+    fake.write_text("this is not an image", encoding="utf-8")
     assert_refused(capsys, tmp_path, [fake], "not a readable image")
 
 
@@ -120,7 +120,7 @@ def test_unreadable_dicom_folder(capsys, tmp_path, data_root):
 def test_folder_without_dicom(capsys, tmp_path):
     folder = tmp_path / "texts"
     folder.mkdir()
-    (folder / "a.txt").write_text("hello")
+    (folder / "a.txt").write_text("hello", encoding="utf-8")
     assert_refused(capsys, tmp_path, [folder], "no DICOM CT series")
 
 
@@ -141,7 +141,7 @@ def test_output_must_not_overwrite_input(capsys, tmp_path, data_root):
 def model_copy(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
-    card = json.loads(BUNDLED_CARD.read_text())
+    card = json.loads(BUNDLED_CARD.read_text(encoding="utf-8"))
     shutil.copy(BUNDLED_CARD, folder / BUNDLED_CARD.name)
     shutil.copy(BUNDLED_CARD.parent / card["weights_file"], folder / card["weights_file"])
     return folder / BUNDLED_CARD.name, folder / card["weights_file"]
@@ -161,9 +161,9 @@ def test_truncated_weights_with_a_matching_card_are_refused(capsys, tmp_path, da
 
     card, weights = model_copy
     weights.write_bytes(weights.read_bytes()[:5000])
-    data = json.loads(card.read_text())
+    data = json.loads(card.read_text(encoding="utf-8"))
     data["weights_sha256"] = sha256_of(weights)
-    card.write_text(json.dumps(data))
+    card.write_text(json.dumps(data), encoding="utf-8")
     ct = data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"
     assert_refused(capsys, tmp_path, [ct, "--model", card], "cannot be loaded")
 
@@ -172,7 +172,7 @@ def test_missing_or_broken_card(capsys, tmp_path, data_root):
     ct = data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"
     assert_refused(capsys, tmp_path, [ct, "--model", tmp_path / "none.json"], "model card not found")
     broken = tmp_path / "broken.json"
-    broken.write_text("{not json")
+    broken.write_text("{not json", encoding="utf-8")
     assert_refused(capsys, tmp_path, [ct, "--model", broken], "not valid JSON")
 
 
@@ -191,7 +191,7 @@ def test_seg_nrrd_and_reports(capsys, tmp_path, data_root):
     output = tmp_path / "ircad_01.seg.nrrd"
     code, out, err = run_cli(capsys, "segment", ct_path, "-o", output, "--report", tmp_path / "r.json", "--report", tmp_path / "r.md")
     assert code == 0, err
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     label = sitk.ReadImage(str(output))
     voxel_ml = np.prod(label.GetSpacing()) / 1000
     array = sitk.GetArrayViewFromImage(label)
@@ -201,7 +201,7 @@ def test_seg_nrrd_and_reports(capsys, tmp_path, data_root):
     ct = sitk.GetArrayFromImage(sitk.ReadImage(str(ct_path)))
     assert report["hu_inside_liver"]["liver"]["mean"] == pytest.approx(float(ct[array >= 1].mean()), abs=0.01)
     assert report["lesion_burden_pct"] == pytest.approx(100 * report["lesion_total_ml"] / report["liver_volume_ml"], abs=0.01)
-    assert "liver volume" in (tmp_path / "r.md").read_text()
+    assert "liver volume" in (tmp_path / "r.md").read_text(encoding="utf-8")
     assert label.GetMetaData("Segment0_Name") == "Liver" and label.GetMetaData("Segment1_Name") == "Liver lesion"
     assert "SCT^10200004^Liver" in label.GetMetaData("Segment0_Tags")
 
@@ -234,7 +234,7 @@ def test_single_dicom_slice_file_and_folder(capsys, tmp_path, data_root):
 
 
 def test_output_parent_is_a_file(capsys, tmp_path, data_root):
-    (tmp_path / "afile").write_text("x")
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
     code, _, err = run_cli(capsys, "segment", data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", "-o", tmp_path / "afile" / "out.nii.gz")
     assert code == 2 and "output folder does not exist" in err
 

@@ -12,7 +12,7 @@ SKIP_PARTS = {"__pycache__", "Testing"}
 
 
 def listed_files() -> set[str]:
-    text = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "LiverSeg")
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "LiverSeg")
     return set(re.findall(r"^\s+([\w./-]+\.\w+)\s*$", text, re.M))
 
 
@@ -31,17 +31,17 @@ def test_every_module_file_is_listed_and_every_listed_file_exists():
 
 
 def test_extension_cmake_has_the_template_parts():
-    text = (PROJECT_ROOT / "CMakeLists.txt").read_text()
+    text = (PROJECT_ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for needed in ("EXTENSION_HOMEPAGE", 'EXTENSION_CATEGORY "Segmentation"', "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                    "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", 'EXTENSION_DEPENDS "PyTorch"', "find_package(Slicer REQUIRED)",
                    "add_subdirectory(LiverSeg)", "Slicer_EXTENSION_GENERATE_CONFIG", "Slicer_EXTENSION_CPACK"):
         assert needed in text, needed
-    module = (MODULE / "CMakeLists.txt").read_text()
+    module = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "WITH_GENERIC_TESTS" in module and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
 
 
 def test_module_file_has_the_template_anatomy_and_no_torch_at_load():
-    tree = ast.parse((MODULE / "LiverSeg.py").read_text())
+    tree = ast.parse((MODULE / "LiverSeg.py").read_text(encoding="utf-8"))
     classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
     assert {"LiverSeg", "LiverSegWidget", "LiverSegLogic", "LiverSegTest", "LiverSegParameterNode"} <= classes
     top_level_imports = {

@@ -99,7 +99,7 @@ def test_study_folder_with_reformat_and_subfolders(data_root, tmp_path):
     reformat.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.777"
     reformat.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal reformat of one slice
     reformat.save_as(study / "reformat.dcm")
-    (study / "notes.txt").write_text("not DICOM")
+    (study / "notes.txt").write_text("not DICOM", encoding="utf-8")
     series = list_dicom_series(study)
     assert sorted(len(s.files) for s in series) == [20, 41]
     with pytest.raises(LiverSegInputError, match="holds 2 DICOM CT series"):

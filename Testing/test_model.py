@@ -26,7 +26,7 @@ def test_bundled_card_matches_its_weights():
 
 
 def test_card_schema_is_enforced(tmp_path):
-    data = json.loads(BUNDLED_CARD.read_text())
+    data = json.loads(BUNDLED_CARD.read_text(encoding="utf-8"))
     with pytest.raises(ModelIntegrityError, match="unknown fields"):
         ModelCard.from_dict({**data, "surprise": 1})
     with pytest.raises(ModelIntegrityError, match="schema"):

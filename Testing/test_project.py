@@ -8,12 +8,12 @@ from conftest import PROJECT_ROOT
 
 
 def readme_commands() -> list[str]:
-    text = (PROJECT_ROOT / "README.md").read_text()
+    text = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
     return [block.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
 
 
 def test_ci_runs_the_readme_test_command():
-    ci_lines = [line.strip() for line in (PROJECT_ROOT / ".ci" / "run").read_text().splitlines()]
+    ci_lines = [line.strip() for line in (PROJECT_ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
     test_command = next(c for c in readme_commands() if "pytest" in c)
     assert test_command in ci_lines
 
@@ -28,5 +28,5 @@ def test_readme_main_command_uses_the_shipped_sample_and_model():
 def test_engine_never_imports_training_or_qt():
     """The MRML layer may use slicer.vtk… classes (Qt-free); nothing in the engine may use Qt or training."""
     for path in (PROJECT_ROOT / "LiverSeg" / "LiverSegLib").glob("*.py"):
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
         assert not re.search(r"^\s*(from|import)\s+(LiverSegTraining|qt|ctk)\b", source, re.M), path.name

@@ -142,14 +142,14 @@ def test_two_cycle_training_exports_a_loadable_model_and_plots(data_root, tmp_pa
 
     argv[0] = str(PROJECT_ROOT / argv[0])
     assert train_main(argv) == 0
-    history = json.loads((output / "final" / "history.json").read_text())
+    history = json.loads((output / "final" / "history.json").read_text(encoding="utf-8"))
     assert [(h["cycle"], h["epoch"]) for h in history] == [(0, 0), (1, 0)]
     # The learning rate restarts at the cycle boundary: both epochs end at the same point of the cosine.
     assert history[0]["lr"] == pytest.approx(history[1]["lr"])
     for plot in ("loss.png", "dice.png", "panel_totalseg_example_dicom_MODEL.png"):
         assert (output / "final" / plot).stat().st_size > 5000, plot
     card_path = output / "model" / "liverseg.json"
-    card = json.loads(card_path.read_text())
+    card = json.loads(card_path.read_text(encoding="utf-8"))
     assert card["input_size"] == 64 and len(card["weights_sha256"]) == 64
     assert {c["case"] for c in card["training"]["cases"]} == {"dcmqi_ct3slice", "totalseg_example_sm_MODEL"}
     ct, _ = read_case(data_root, "dcmqi_ct3slice")
@@ -181,5 +181,5 @@ def test_cross_validation_by_patient(data_root, tmp_path):
     assert [r["case"] for r in rows] == ["ircad_01", "ircad_17"]
     assert [r["trained_on"] for r in rows] == ["ircad_17", "ircad_01"]
     assert all(0.0 <= r["liver_dice"] <= 1.0 and "lesion_dice" in r for r in rows)
-    assert (tmp_path / "cv" / "crossval.csv").read_text().count("\n") == 3
+    assert (tmp_path / "cv" / "crossval.csv").read_text(encoding="utf-8").count("\n") == 3
     assert "lesions_validated" in summary

@@ -67,7 +67,7 @@ class ModelCard:
 def read_card(card_path: str | Path = BUNDLED_CARD) -> ModelCard:
     card_path = Path(card_path)
     try:
-        data = json.loads(card_path.read_text())
+        data = json.loads(card_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelIntegrityError(f"model card not found: {card_path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -134,5 +134,5 @@ def save_model(network, card: ModelCard, card_path: str | Path) -> ModelCard:
     state = {name: t.half() if t.is_floating_point() else t for name, t in state.items()}
     save_file(state, str(weights_path))
     card.weights_sha256 = sha256_of(weights_path)
-    card_path.write_text(card.to_json() + "\n")
+    card_path.write_text(card.to_json() + "\n", encoding="utf-8")
     return card

@@ -127,4 +127,4 @@ def write_report(report: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     text = json.dumps(report, indent=1) + "\n" if path.suffix.lower() == ".json" else report_markdown(report)
     with atomic_output(path) as temporary:
-        Path(temporary).write_text(text)
+        Path(temporary).write_text(text, encoding="utf-8")
