@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -254,3 +255,28 @@ def test_truncated_uncompressed_nifti(capsys, tmp_path, data_root):
     truncated = tmp_path / "cut.nii"
     truncated.write_bytes(full.read_bytes()[:100_000])
     assert_refused(capsys, tmp_path, [truncated], "truncated image")
+
+
+def test_empty_folder(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_refused(capsys, tmp_path, [empty], "no DICOM CT series")
+
+
+def test_label_map_given_as_input(capsys, tmp_path, data_root):
+    assert_refused(capsys, tmp_path, [data_root / "cases" / "ircad_17" / "label.nii.gz"], "looks like a label map")
+
+
+def test_series_with_a_missing_slice(capsys, tmp_path, data_root):
+    folder = tmp_path / "gap"
+    shutil.copytree(data_root / "dicom" / "crlm_1004_ct", folder)
+    from LiverSegLib.io import list_dicom_series
+
+    Path(list_dicom_series(folder)[0].files[17]).unlink()
+    assert_refused(capsys, tmp_path, [folder], "missing slice")
+
+
+def test_output_folder_not_writable(capsys, tmp_path, data_root):
+    """/proc/self cannot take files, whoever runs the tests (root ignores permission bits elsewhere)."""
+    code, _, err = run_cli(capsys, "segment", data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", "-o", "/proc/self/label.nii.gz")
+    assert code == 2 and "output folder is not writable" in err and len(err.strip().splitlines()) == 1

@@ -247,8 +247,11 @@ def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] = LABEL
         raise LiverSegInputError(f"output must end with one of {', '.join(suffixes)}: {path}")
     if not path.parent.is_dir():
         raise LiverSegInputError(f"output folder does not exist: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
-        raise LiverSegInputError(f"output folder is not writable: {path.parent}")
+    try:  # a real probe: permission bits say nothing for root, read-only mounts or special file systems
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError:
+        raise LiverSegInputError(f"output folder is not writable: {path.parent}") from None
     return path
 
 
