@@ -179,11 +179,11 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.ensureDependencies(askConfirmation=True):
             self.ui.statusLabel.text = _("Cancelled: LiverSeg needs PyTorch and segmentation-models-pytorch.")
             return
+        from LiverSegLib.mrml import new_segmentation_node
+
         parameters = self._parameterNode
         if not parameters.outputSegmentation:
-            parameters.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", f"{parameters.inputVolume.GetName()} liver segmentation"
-            )
+            parameters.outputSegmentation = new_segmentation_node(parameters.inputVolume)
         try:
             self._job = self.logic.start(parameters)
         except Exception as error:  # a clear message for every failure: bad volume, broken model, ...

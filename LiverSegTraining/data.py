@@ -80,10 +80,4 @@ class SliceSampler:
         return torch.stack(images), torch.stack(masks), torch.stack(channel_mask), torch.tensor(weights)
 
 
-def volume_dice(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    """Dice of two boolean volumes; 1.0 when both are empty (nothing to find, nothing found)."""
-    total = int(prediction.sum()) + int(target.sum())
-    return 1.0 if total == 0 else 2.0 * int((prediction & target).sum()) / total
-
-
-__all__ = ["PreparedCase", "SliceSampler", "prepare_case", "volume_dice"]
+__all__ = ["PreparedCase", "SliceSampler", "prepare_case"]

@@ -17,8 +17,9 @@ from LiverSegLib.model import ModelCard, build_network
 
 from .augment import augment_batch
 from .config import TrainConfig
-from .data import PreparedCase, SliceSampler, volume_dice
+from .data import PreparedCase, SliceSampler
 from .losses import combined_loss
+from .metrics import overlap
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ def validate(network: torch.nn.Module, cases: list[PreparedCase], card: ModelCar
     for case in cases:
         probabilities, _ = predict_probabilities(network, case.image.float(), card, device)
         predicted = probabilities >= card.threshold
-        liver.append(volume_dice(predicted[:, 0], case.masks[:, 0].bool()))
+        liver.append(overlap(predicted[:, 0].numpy(), case.masks[:, 0].numpy())["dice"])
         if case.has_lesion_label:
-            lesion.append(volume_dice(predicted[:, 1], case.masks[:, 1].bool()))
+            lesion.append(overlap(predicted[:, 1].numpy(), case.masks[:, 1].numpy())["dice"])
     network.train()
     return (float(np.mean(liver)) if liver else float("nan"), float(np.mean(lesion)) if lesion else float("nan"))
 

@@ -11,6 +11,7 @@ referenced UIDs, as viewers do when UIDs are missing or do not point at the file
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -23,6 +24,14 @@ from .errors import LiverSegInputError
 from .io import DicomSeries, atomic_output
 from .pipeline import SegmentationResult
 from .segments import LIVER_LESION, SEGMENTS, SegmentSpec
+
+
+@contextlib.contextmanager
+def _quiet_person_names():
+    """Single-component patient names ("CRLM-CT-1004") are common in real exports; pydicom warns on each."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        yield
 
 
 def _code(triplet: tuple[str, str, str]):
@@ -67,8 +76,7 @@ def build_dicom_seg(result: SegmentationResult, series: DicomSeries, lesions: bo
     import highdicom as hd
     import pydicom
 
-    with warnings.catch_warnings():  # single-component patient names are common in real exports
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+    with _quiet_person_names():
         datasets = [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]
     for dataset in datasets:
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
@@ -83,8 +91,7 @@ def build_dicom_seg(result: SegmentationResult, series: DicomSeries, lesions: bo
     specs = [s for s in SEGMENTS if lesions or s is not LIVER_LESION]
     pixels = np.stack([label == spec.label_value for spec in specs], axis=-1).astype(np.uint8)
     first = datasets[0]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+    with _quiet_person_names():
         return hd.seg.Segmentation(
             source_images=datasets,
             pixel_array=pixels,

@@ -34,7 +34,8 @@ def choose_device(requested: str = "auto") -> torch.device:
 
 
 def default_batch_size(device: torch.device, card: ModelCard) -> int:
-    """Slices per batch: bounded by free GPU memory (≈6 MB per 128² slice under autocast), 16 on CPU."""
+    """Slices per batch: half the free GPU memory at a conservative 6 MB per 128² slice (an estimate,
+    not yet measured on a GPU; out-of-memory still halves the batch), 16 on the CPU."""
     if device.type != "cuda":
         return 16
     free_bytes, _ = torch.cuda.mem_get_info(device)
