@@ -130,7 +130,7 @@ def select_series(folder: str | os.PathLike, series_uid: str | None = None) -> D
 def check_slice_spacing(series: DicomSeries) -> None:
     """Refuse a series with a missing or duplicated slice rather than interpolating over the gap."""
     steps = np.diff(series.positions_mm)
-    usual = float(np.median(steps))
+    usual = series.spacing_mm
     if usual <= 1e-3 or np.any(steps <= 1e-3):
         raise LiverSegInputError(f"DICOM series {series.label} has slices at the same position (duplicates or mixed series)")
     gaps = np.flatnonzero(steps > MISSING_SLICE_FACTOR * usual)
@@ -162,27 +162,51 @@ def _first_line(error: Exception) -> str:
     return (meaningful[-1] if meaningful else type(error).__name__)[:200]
 
 
+def _nifti_bytes(header: bytes) -> int | None:
+    """vox_offset + voxel data size from a NIfTI-1 header; None when ``header`` is not one."""
+    if len(header) < 348:
+        return None
+    endian = next((e for e in "<>" if struct.unpack(e + "i", header[:4])[0] == 348), None)
+    if endian is None:
+        return None
+    dims = struct.unpack(endian + "8h", header[40:56])
+    bits = struct.unpack(endian + "h", header[72:74])[0]
+    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    return offset + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bits // 8
+
+
+def _gunzip_fully(path: Path) -> None:
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (EOFError, OSError, zlib.error) as error:
+        raise LiverSegInputError(f"corrupted or truncated image {path}: {error}") from None
+
+
 def _check_complete(path: Path) -> None:
-    """ITK's NIfTI reader fills a truncated file with zeros without a word: check the bytes are all there."""
+    """ITK's NIfTI reader fills a truncated file with zeros without a word: check the bytes are all there.
+
+    A ``.nii.gz`` whose gzip trailer (uncompressed size mod 2³²) equals what its header needs is
+    complete without decompressing it a second time; anything else is decompressed to find out.
+    """
     name = path.name.lower()
     if name.endswith(".gz"):
         try:
             with gzip.open(path, "rb") as stream:
-                while stream.read(1 << 24):
-                    pass
+                expected = _nifti_bytes(stream.read(348)) if name.endswith(".nii.gz") else None
+            with open(path, "rb") as raw:
+                raw.seek(-4, os.SEEK_END)
+                stored_size = struct.unpack("<I", raw.read(4))[0]
         except (EOFError, OSError, zlib.error) as error:
             raise LiverSegInputError(f"corrupted or truncated image {path}: {error}") from None
+        if expected is None or stored_size != expected % (1 << 32):
+            _gunzip_fully(path)
     elif name.endswith(".nii"):
         with open(path, "rb") as stream:
-            header = stream.read(348)
-        if len(header) == 348 and struct.unpack("<i", header[:4])[0] in (348, 1543569408):
-            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bits = struct.unpack(endian + "h", header[72:74])[0]
-            offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            expected = offset + int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64)) * bits // 8
-            if path.stat().st_size < expected:
-                raise LiverSegInputError(f"truncated image {path}: {path.stat().st_size} bytes, header needs {expected}")
+            expected = _nifti_bytes(stream.read(348))
+        if expected is not None and path.stat().st_size < expected:
+            raise LiverSegInputError(f"truncated image {path}: {path.stat().st_size} bytes, header needs {expected}")
 
 
 def _read_file(path: Path) -> sitk.Image:

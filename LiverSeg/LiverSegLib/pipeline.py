@@ -94,10 +94,7 @@ class LiverSegmenter:
         grid = SliceGrid(ct_canonical.shape[1], ct_canonical.shape[2])
         masks = probabilities_to_masks(probabilities, grid, self.card.threshold).numpy()
         liver, lesion = masks[:, 0], (masks[:, 1] if lesions else None)
-        if postprocess:
-            label_canonical = compose_label_map(liver, lesion)
-        else:
-            label_canonical = compose_label_map(liver, lesion, keep_largest=False, fill=False)
+        label_canonical = compose_label_map(liver, lesion, keep_largest=postprocess, fill=postprocess)
         lap("postprocess")
         label_image = sitk.GetImageFromArray(np.ascontiguousarray(transform.from_canonical(label_canonical)))
         label_image.CopyInformation(image)
