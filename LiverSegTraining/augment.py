@@ -25,6 +25,11 @@ class AugmentConfig:
     crop_fraction: tuple[float, float] = (0.7, 1.0)
     flip_lr_probability: float = 0.0
     flip_z_probability: float = 0.5
+    # Elastic: a smooth random displacement (coarse control grid, bicubic upsampling) that bends organ
+    # outlines the way patients differ (the left lobe's reach, the liver's tip), which one affine cannot.
+    elastic_probability: float = 0.0
+    elastic_magnitude: float = 0.03  # standard deviation of the control-point shift, fraction of the image side
+    elastic_control_points: int = 5
     contrast: tuple[float, float] = (0.85, 1.15)
     brightness: float = 0.05
     gamma: tuple[float, float] = (0.8, 1.25)
@@ -57,6 +62,24 @@ def random_affines(batch: int, config: AugmentConfig, generator: torch.Generator
     return torch.where(apply, torch.cat([linear, translation[:, :, None]], 2), identity)
 
 
+MAX_ELASTIC_SLOPE = 0.5  # largest change of the elastic shift per pixel, in pixels
+
+
+def random_displacements(batch: int, size: int, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """(B, size, size, 2) smooth offsets in ``affine_grid`` coordinates; zero for samples left undeformed."""
+    points = config.elastic_control_points
+    coarse = torch.randn(batch, 2, points, points, generator=generator) * (2 * config.elastic_magnitude)
+    apply = torch.rand(batch, generator=generator) < config.elastic_probability
+    coarse = coarse * apply[:, None, None, None]
+    field = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True)
+    # A shift that changes faster than half a pixel per pixel could fold the image over itself (the
+    # Gaussian tails do at 64 px): scale such samples down so every warp stays one-to-one.
+    pixel = 2.0 / size
+    steepest = torch.maximum(field.diff(dim=2).abs().amax((1, 2, 3)), field.diff(dim=3).abs().amax((1, 2, 3))) / pixel
+    field = field * (MAX_ELASTIC_SLOPE / steepest.clamp(min=MAX_ELASTIC_SLOPE))[:, None, None, None]
+    return field.permute(0, 2, 3, 1)
+
+
 def augment_batch(
     image: torch.Tensor, masks: torch.Tensor, config: AugmentConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +87,8 @@ def augment_batch(
     batch = image.shape[0]
     theta = random_affines(batch, config, generator).to(image.device, image.dtype)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    if config.elastic_probability > 0:
+        grid = grid + random_displacements(batch, image.shape[-1], config, generator).to(grid.device, grid.dtype)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     masks = (F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False) >= 0.5).float()
 
@@ -82,4 +107,4 @@ def augment_batch(
     return (image + noise).clamp_(0, 1), masks
 
 
-__all__ = ["AugmentConfig", "augment_batch", "random_affines"]
+__all__ = ["AugmentConfig", "augment_batch", "random_affines", "random_displacements"]

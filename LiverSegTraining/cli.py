@@ -19,6 +19,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     parser.add_argument("--output", help="output folder (default: the config's output_dir)")
     parser.add_argument("--crossval", action="store_true", help="leave-one-patient-out cross-validation, then train the final model on all expert cases")
+    parser.add_argument("--folds", metavar="CASE[,CASE...]", help="with --crossval: hold out only these expert cases and train no final model (for comparing settings)")
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their last checkpoints")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -28,10 +29,16 @@ def train_main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         output_dir = Path(args.output or config.output_dir)
         evaluation: dict = {}
+        if args.folds and not args.crossval:
+            raise LiverSegInputError("--folds needs --crossval")
+        folds = args.folds.split(",") if args.folds else None
         if args.crossval:
-            rows, summary = crossvalidate(config, output_dir, args.resume)
+            rows, summary = crossvalidate(config, output_dir, args.resume, folds)
             evaluation = {"method": "leave-one-patient-out over expert-labelled volumes, full engine at full resolution", "per_case": rows, "summary": summary, "lesions_validated": summary["lesions_validated"]}
             write_results(rows, summary, output_dir / "RESULTS.md", "liverseg-train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+        if folds:
+            print(f"partial cross-validation written: {output_dir / 'RESULTS.md'}")
+            return 0
         card_path = train_final(config, output_dir, evaluation, args.resume)
     except LiverSegInputError as error:
         print(f"liverseg-train: error: {error}", file=sys.stderr)
