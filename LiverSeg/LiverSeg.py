@@ -31,7 +31,15 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_FILE = os.path.join(MODULE_DIR, "Resources", "Samples", "CRLM-CT-1004.nii.gz")
 SAMPLE_SHA256 = "SHA256:f9577d22f4e8a1d6223de3c28973ef12635e176c47574edc6e49cf297896f4f7"
 # pip name → import name of what the engine needs beyond what Slicer bundles (numpy, SimpleITK, pydicom, scipy).
-REQUIREMENTS = {"torch": "torch", "segmentation-models-pytorch": "segmentation_models_pytorch", "safetensors": "safetensors"}
+# onnxruntime (+ onnx to export the network once) runs the network on the CPU faster than torch; the engine
+# falls back to torch without them, but most Slicer users segment on the CPU, so they are installed too.
+REQUIREMENTS = {
+    "torch": "torch",
+    "segmentation-models-pytorch": "segmentation_models_pytorch",
+    "safetensors": "safetensors",
+    "onnxruntime": "onnxruntime",
+    "onnx": "onnx",
+}
 
 
 #

@@ -21,8 +21,16 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """The ONNX export cache of this test session (tests never touch the user's ~/.cache/liverseg)."""
+    cache = tmp_path_factory.mktemp("liverseg-cache")
+    os.environ["LIVERSEG_CACHE"] = str(cache)
+    return cache
+
+
 @pytest.fixture(scope="session")
-def segmenter():
+def segmenter(model_cache):
     from LiverSegLib.pipeline import LiverSegmenter
 
     return LiverSegmenter(device="cpu")

@@ -99,11 +99,9 @@ def build_network(card: ModelCard):
     )
 
 
-def load_model(card_path: str | Path = BUNDLED_CARD):
-    """(card, network in eval mode on the CPU) after checking the weights' SHA-256 against the card."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def verify_model(card_path: str | Path = BUNDLED_CARD) -> tuple[ModelCard, Path]:
+    """(card, weights path) once the weights' SHA-256 matches the card; every way of running a model
+    starts here, so tampered weights are refused whichever runtime would have used them."""
     card_path = Path(card_path)
     card = read_card(card_path)
     weights_path = card_path.parent / card.weights_file
@@ -114,13 +112,27 @@ def load_model(card_path: str | Path = BUNDLED_CARD):
         raise ModelIntegrityError(
             f"model weights {weights_path.name} fail their SHA-256 check (card {card.weights_sha256[:12]}…, file {actual[:12]}…)"
         )
+    return card, weights_path
+
+
+def load_model(card_path: str | Path = BUNDLED_CARD):
+    """(card, network in eval mode on the CPU) after checking the weights' SHA-256 against the card."""
+    card, weights_path = verify_model(card_path)
+    return card, load_network(card, weights_path)
+
+
+def load_network(card: ModelCard, weights_path: Path):
+    """The torch network of ``card`` with the (already verified) weights at ``weights_path``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
         raise ModelIntegrityError(f"model weights {weights_path} cannot be loaded: {error}") from None
     network = build_network(card)
     network.load_state_dict({name: tensor.float() for name, tensor in state.items()})
-    return card, network.eval()
+    return network.eval()
 
 
 def save_model(network, card: ModelCard, card_path: str | Path) -> ModelCard:

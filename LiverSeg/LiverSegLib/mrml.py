@@ -108,6 +108,7 @@ def store_result(segmentation_node, volume_node, result, lesions: bool = True) -
         ("LiverSeg.LesionCount", str(result.lesion_count)),
         ("LiverSeg.LesionVolumeMl", f"{result.lesion_ml:.1f}"),
         ("LiverSeg.Device", result.device),
+        ("LiverSeg.Runtime", result.runtime),
         ("LiverSeg.Seconds", f"{result.seconds:.2f}"),
         ("LiverSeg.Model", f"{result.model_name} {result.model_version}"),
         ("LiverSeg.LesionsValidated", str(result.lesions_validated)),

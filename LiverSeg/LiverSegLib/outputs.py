@@ -82,6 +82,7 @@ def volume_report(image: sitk.Image, result: SegmentationResult, input_path: str
         "hu_inside_liver": stats,
         "model": {"name": result.model_name, "version": result.model_version},
         "device": result.device,
+        "runtime": result.runtime,
         "seconds": round(result.seconds, 3),
         "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
     }
@@ -93,7 +94,7 @@ def report_markdown(report: dict) -> str:
         "",
         f"- Input: `{report['input']}`",
         f"- Segmentation: `{report['output']}`",
-        f"- Model: {report['model']['name']} {report['model']['version']} on {report['device']}, {report['seconds']:.1f} s",
+        f"- Model: {report['model']['name']} {report['model']['version']} on {report['device']} ({report['runtime']}), {report['seconds']:.1f} s",
         "",
         "| measure | value |",
         "|---|---|",

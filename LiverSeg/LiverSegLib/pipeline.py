@@ -13,9 +13,10 @@ from scipy import ndimage
 
 from .geometry import canonical_transform
 from .inference import ProgressCallback, choose_device, predict_probabilities, probabilities_to_masks
-from .model import BUNDLED_CARD, ModelCard, load_model
+from .model import BUNDLED_CARD, ModelCard
 from .postprocessing import LESION, LIVER, compose_label_map
 from .preprocessing import SliceGrid, prepare_volume
+from .runtime import OnnxRuntimeNetwork, load_runtime_network
 
 
 @dataclass
@@ -33,6 +34,7 @@ class SegmentationResult:
     model_version: str
     lesions_validated: bool
     timings_s: dict[str, float] = field(default_factory=dict)
+    runtime: str = "torch"  # what ran the network: torch or onnxruntime
     probabilities: torch.Tensor | None = None  # (Z, channels, n, n) canonical model grid, when kept
 
     def summary(self) -> str:
@@ -41,7 +43,8 @@ class SegmentationResult:
             if self.lesion_count >= 0
             else "lesions off"
         )
-        return f"liver {self.liver_ml:.1f} mL; {lesions}; {self.seconds:.1f} s on {self.device}"
+        runtime = "" if self.runtime == "torch" else f" ({self.runtime})"
+        return f"liver {self.liver_ml:.1f} mL; {lesions}; {self.seconds:.1f} s on {self.device}{runtime}"
 
 
 def voxel_volume_ml(image: sitk.Image) -> float:
@@ -57,13 +60,15 @@ class LiverSegmenter:
         device: str = "auto",
         card: ModelCard | None = None,
         network: torch.nn.Module | None = None,
+        runtime: str = "auto",
     ):
+        self.device = choose_device(device)
         if network is None:
-            card, network = load_model(card_path)
+            card, network = load_runtime_network(card_path, self.device, runtime)
         assert card is not None
         self.card = card
-        self.device = choose_device(device)
         self.network = network.to(self.device).eval()
+        self.runtime = "onnxruntime" if isinstance(network, OnnxRuntimeNetwork) else "torch"
 
     def segment(
         self,
@@ -116,5 +121,6 @@ class LiverSegmenter:
             model_version=self.card.version,
             lesions_validated=self.card.lesions_validated,
             timings_s=timings,
+            runtime=self.runtime,
             probabilities=probabilities if keep_probabilities else None,
         )
