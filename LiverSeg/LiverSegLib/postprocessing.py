@@ -18,12 +18,24 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(sizes.argmax())
 
 
+def _fill_enclosed(mask: np.ndarray, structure: np.ndarray, border_axes: tuple[int, ...]) -> np.ndarray:
+    """``mask`` plus every background component (connected by ``structure``) that touches no border
+    along ``border_axes``: what ``ndimage.binary_fill_holes`` computes, with one labelling pass
+    instead of an iterative propagation (a third of the time on a CT's liver box)."""
+    background, count = ndimage.label(~mask, structure=structure)
+    reaches_border = np.zeros(count + 1, bool)
+    for axis in border_axes:
+        reaches_border[np.take(background, [0, -1], axis=axis)] = True
+    reaches_border[0] = False  # label 0 is the mask itself
+    return ~reaches_border[background]
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill enclosed holes in 3D and slice by slice (vessels at the hilum open a hole to the outside in 3D only)."""
-    filled = ndimage.binary_fill_holes(mask)
-    for index in np.flatnonzero(filled.any(axis=(1, 2))):
-        filled[index] = ndimage.binary_fill_holes(filled[index])
-    return filled
+    filled = _fill_enclosed(mask.astype(bool), ndimage.generate_binary_structure(3, 1), (0, 1, 2))
+    in_slice = np.zeros((3, 3, 3), bool)
+    in_slice[1] = ndimage.generate_binary_structure(2, 1)  # all slices at once, none connected to the next
+    return _fill_enclosed(filled, in_slice, (1, 2))
 
 
 def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
