@@ -125,3 +125,17 @@ def test_cropping_to_the_organ_changes_nothing():
     expected[lesion & (expected == 1)] = 2
     assert np.array_equal(compose_label_map(liver, lesion), expected)
     assert bounding_box(organ) == (slice(4, 16), slice(9, 31), slice(7, 34))
+
+
+def test_masks_from_probabilities_skip_empty_slices_exactly():
+    """Slices whose model-grid probabilities stay below the threshold are skipped; the rest equal a
+    plain full-volume upsampling, and a slice just under the threshold everywhere stays empty."""
+    from LiverSegLib.inference import probabilities_to_masks
+
+    generator = torch.Generator().manual_seed(0)
+    probabilities = torch.rand(7, 2, 16, 16, generator=generator)
+    probabilities[[1, 4]] *= 0.49 / probabilities[[1, 4]].max()  # under 0.5 everywhere
+    grid = SliceGrid(40, 52)
+    masks = probabilities_to_masks(probabilities, grid, 0.5, chunk_slices=2)
+    assert torch.equal(masks, to_slice_grid(probabilities, grid) >= 0.5)
+    assert not masks[[1, 4]].any() and masks[[0, 2, 3, 5, 6]].flatten(1).any(1).all()

@@ -101,10 +101,13 @@ def probabilities_to_masks(
 ) -> torch.Tensor:
     """(Z, channels, n, n) model-grid probabilities → (Z, channels, rows, cols) bool masks on the slice grid.
 
-    Works in chunks so that full-resolution float maps never exist for the whole volume at once.
+    Works in chunks so that full-resolution float maps never exist for the whole volume at once, and
+    only on slices where some probability reaches the threshold: bilinear upsampling is a convex
+    combination, so a slice below it everywhere stays empty (a third or more of a CT's slices).
     """
-    masks = torch.empty((probabilities.shape[0], probabilities.shape[1], grid.rows, grid.cols), dtype=torch.bool)
-    for start in range(0, probabilities.shape[0], chunk_slices):
-        chunk = probabilities[start : start + chunk_slices]
-        masks[start : start + len(chunk)] = to_slice_grid(chunk, grid) >= threshold
+    masks = torch.zeros((probabilities.shape[0], probabilities.shape[1], grid.rows, grid.cols), dtype=torch.bool)
+    occupied = torch.nonzero(probabilities.amax(dim=(1, 2, 3)) >= threshold).flatten()
+    for start in range(0, len(occupied), chunk_slices):
+        indices = occupied[start : start + chunk_slices]
+        masks[indices] = to_slice_grid(probabilities[indices], grid) >= threshold
     return masks
