@@ -1,0 +1,82 @@
+"""CUDA: the GPU result equals the CPU one, and out-of-memory halves the batch, then falls back to the
+CPU, under a memory limit forced with ``torch.cuda.set_per_process_memory_fraction``.
+
+These run only where torch sees a CUDA GPU (the CI machine has none; they are skipped there and run on
+a GPU machine with the same command).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from LiverSegLib.geometry import canonical_transform
+from LiverSegLib.inference import predict_probabilities
+from LiverSegLib.model import load_model
+from LiverSegLib.pipeline import LiverSegmenter
+from LiverSegLib.preprocessing import prepare_volume
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _ircad_17(data_root) -> sitk.Image:
+    return sitk.ReadImage(str(data_root / "cases" / "ircad_17" / "ct.nii.gz"))
+
+
+def test_cuda_label_map_matches_the_cpu(data_root, segmenter):
+    ct = _ircad_17(data_root)
+    on_gpu = LiverSegmenter(device="cuda").segment(ct)
+    on_cpu = segmenter.segment(ct)
+    assert on_gpu.device.startswith("cuda") and on_gpu.runtime == "torch"
+    gpu = sitk.GetArrayViewFromImage(on_gpu.label_image) >= 1
+    cpu = sitk.GetArrayViewFromImage(on_cpu.label_image) >= 1
+    # fp16 autocast moves probabilities by ~1e-3: a thin shell of threshold voxels may differ.
+    dice = 2 * np.count_nonzero(gpu & cpu) / (np.count_nonzero(gpu) + np.count_nonzero(cpu))
+    assert dice > 0.999
+
+
+@pytest.fixture
+def limited_gpu():
+    """Sets a per-process memory cap; always lifted afterwards."""
+    total = torch.cuda.get_device_properties(0).total_memory
+
+    def limit(allowed_bytes: int) -> None:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, allowed_bytes / total), 0)
+
+    yield limit
+    torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    torch.cuda.empty_cache()
+
+
+def _volume_and_network(data_root):
+    card, network = load_model()
+    ct = _ircad_17(data_root)
+    canonical = canonical_transform(ct.GetDirection()).to_canonical(sitk.GetArrayViewFromImage(ct))
+    return card, network, prepare_volume(canonical, card.window_hu, card.input_size)
+
+
+def test_out_of_memory_halves_the_batch(data_root, limited_gpu, caplog):
+    card, network, volume = _volume_and_network(data_root)
+    reference, _ = predict_probabilities(network, volume, card, torch.device("cpu"), batch_size=16)
+    network.cuda()
+    # Room for the weights and the volume plus ~300 MB: a 512-slice batch (several GB) cannot fit.
+    limited_gpu(torch.cuda.memory_allocated() + 300 * 2**20)
+    with caplog.at_level(logging.WARNING, logger="LiverSegLib.inference"):
+        probabilities, device = predict_probabilities(network, volume, card, torch.device("cuda"), batch_size=512)
+    assert device.type == "cuda"
+    assert "retrying with batch size 256" in caplog.text
+    assert float((probabilities - reference).abs().max()) < 0.02
+
+
+def test_out_of_memory_at_batch_one_falls_back_to_the_cpu(data_root, limited_gpu):
+    card, network, volume = _volume_and_network(data_root)
+    network.cuda()
+    limited_gpu(torch.cuda.memory_allocated() + 2**20)  # not even one slice's activations fit
+    with pytest.warns(RuntimeWarning, match="falling back to the CPU"):
+        probabilities, device = predict_probabilities(network, volume, card, torch.device("cuda"), batch_size=4)
+    assert device.type == "cpu" and probabilities.shape[0] == volume.shape[0]
