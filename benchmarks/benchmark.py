@@ -1,6 +1,6 @@
 """Speed and memory of LiverSeg on one CT: network throughput, end-to-end seconds, peak RSS.
 
-    python benchmarks/benchmark.py CT [--device cpu cuda] [--batch-size N] [--repeats 3]
+    python benchmarks/benchmark.py CT [--device cpu cuda] [--runtime auto torch onnxruntime] [--batch-size N] [--repeats 3]
 
 Network alone: slices per second of ``predict_probabilities`` on the preprocessed volume (after one
 warm-up run). End to end: read → segment → write, in a fresh process per device, timed from inside
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 
-def end_to_end_child(ct: str, device: str, batch_size: int | None) -> None:
+def end_to_end_child(ct: str, device: str, runtime: str, batch_size: int | None) -> None:
     """Runs in a child process so that its peak RSS is its own."""
     started = time.perf_counter()
     from LiverSegLib.io import read_ct, write_image_atomic
@@ -29,7 +29,7 @@ def end_to_end_child(ct: str, device: str, batch_size: int | None) -> None:
     imported = time.perf_counter()
     image = read_ct(ct)
     read = time.perf_counter()
-    segmenter = LiverSegmenter(device=device)
+    segmenter = LiverSegmenter(device=device, runtime=runtime)
     loaded = time.perf_counter()
     result = segmenter.segment(image, batch_size=batch_size)
     segmented = time.perf_counter()
@@ -39,24 +39,25 @@ def end_to_end_child(ct: str, device: str, batch_size: int | None) -> None:
     print(json.dumps({
         "import_s": imported - started, "read_s": read - imported, "load_model_s": loaded - read,
         "segment_s": segmented - loaded, "write_s": written - segmented,
-        "read_to_write_s": written - imported, "stages_s": result.timings_s,
+        "read_to_write_s": written - imported, "stages_s": result.timings_s, "runtime": result.runtime,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024,
     }))
 
 
-def network_throughput(ct: str, device_name: str, batch_size: int | None, repeats: int) -> float:
+def network_throughput(ct: str, device_name: str, runtime: str, batch_size: int | None, repeats: int) -> float:
     import SimpleITK as sitk
     import torch
 
     from LiverSegLib.geometry import canonical_transform
     from LiverSegLib.inference import choose_device, predict_probabilities
     from LiverSegLib.io import read_ct
-    from LiverSegLib.model import load_model
+    from LiverSegLib.model import BUNDLED_CARD
     from LiverSegLib.preprocessing import prepare_volume
+    from LiverSegLib.runtime import load_runtime_network
 
     image = read_ct(ct)
-    card, network = load_model()
     device = choose_device(device_name)
+    card, network = load_runtime_network(BUNDLED_CARD, device, runtime)
     canonical = canonical_transform(image.GetDirection()).to_canonical(sitk.GetArrayViewFromImage(image))
     volume = prepare_volume(canonical, card.window_hu, card.input_size)
     predict_probabilities(network, volume, card, device, batch_size)  # warm-up
@@ -74,12 +75,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ct")
     parser.add_argument("--device", nargs="+", default=["cpu"])
+    parser.add_argument("--runtime", nargs="+", default=["auto"], help="auto, torch, onnxruntime (CPU only)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        end_to_end_child(args.ct, args.device[0], args.batch_size)
+        end_to_end_child(args.ct, args.device[0], args.runtime[0], args.batch_size)
         return 0
     import torch
 
@@ -88,18 +90,22 @@ def main() -> int:
     size = sitk.ReadImage(args.ct).GetSize() if Path(args.ct).is_file() else "DICOM folder"
     print(f"CT: {args.ct} {size}; {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for device in args.device:
-        slices_per_s = network_throughput(args.ct, device, args.batch_size, args.repeats)
-        command = [sys.executable, __file__, args.ct, "--child", "--device", device]
-        if args.batch_size:
-            command += ["--batch-size", str(args.batch_size)]
-        child = subprocess.run(command, capture_output=True, text=True, check=True)
-        timings = json.loads(child.stdout.strip().splitlines()[-1])
-        stages = ", ".join(f"{k} {v:.2f}" for k, v in timings.pop("stages_s").items())
-        print(f"[{device}] network: {slices_per_s:.1f} slices/s")
-        print(f"[{device}] end to end (read → segment → write): {timings['read_to_write_s']:.2f} s "
-              f"(read {timings['read_s']:.2f}, model load {timings['load_model_s']:.2f}, segment {timings['segment_s']:.2f} [{stages}], write {timings['write_s']:.2f}); "
-              f"python + torch import {timings['import_s']:.2f} s")
-        print(f"[{device}] peak RSS of the end-to-end process: {timings['peak_rss_gb']:.2f} GB")
+        for runtime in args.runtime:
+            if runtime == "onnxruntime" and device != "cpu":
+                continue
+            tag = f"[{device}, {runtime}]"
+            slices_per_s = network_throughput(args.ct, device, runtime, args.batch_size, args.repeats)
+            command = [sys.executable, __file__, args.ct, "--child", "--device", device, "--runtime", runtime]
+            if args.batch_size:
+                command += ["--batch-size", str(args.batch_size)]
+            child = subprocess.run(command, capture_output=True, text=True, check=True)
+            timings = json.loads(child.stdout.strip().splitlines()[-1])
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in timings.pop("stages_s").items())
+            print(f"{tag} network: {slices_per_s:.1f} slices/s")
+            print(f"{tag} end to end (read → segment → write): {timings['read_to_write_s']:.2f} s "
+                  f"(read {timings['read_s']:.2f}, model load {timings['load_model_s']:.2f}, segment {timings['segment_s']:.2f} [{stages}], write {timings['write_s']:.2f}); "
+                  f"python + torch import {timings['import_s']:.2f} s; runtime {timings['runtime']}")
+            print(f"{tag} peak RSS of the end-to-end process: {timings['peak_rss_gb']:.2f} GB")
     return 0
 
 
