@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from LiverSegLib.postprocessing import compose_label_map, fill_holes, largest_component
+from LiverSegLib.postprocessing import compose_label_map, fill_holes, largest_component, lesion_volumes_ml
 from LiverSegLib.preprocessing import SliceGrid, prepare_label, prepare_volume, slice_stack, to_model_grid, to_slice_grid, window_hu
 
 
@@ -139,3 +139,14 @@ def test_masks_from_probabilities_skip_empty_slices_exactly():
     masks = probabilities_to_masks(probabilities, grid, 0.5, chunk_slices=2)
     assert torch.equal(masks, to_slice_grid(probabilities, grid) >= 0.5)
     assert not masks[[1, 4]].any() and masks[[0, 2, 3, 5, 6]].flatten(1).any(1).all()
+
+
+def test_lesion_volumes_by_hand():
+    """Two lesions, one of them two cubes touching only at a corner (26-connected: one lesion)."""
+    label = np.zeros((10, 12, 12), np.uint8)
+    label[1:9, 1:11, 1:11] = 1
+    label[2:4, 2:4, 2:4] = 2  # 8 voxels
+    label[4:5, 4:5, 4:5] = 2  # touches the first at a corner: same lesion, 9 voxels
+    label[6:8, 7:10, 7:8] = 2  # 6 voxels
+    assert sorted(lesion_volumes_ml(label, 0.5)) == [3.0, 4.5]
+    assert lesion_volumes_ml(np.zeros((3, 3, 3), np.uint8), 1.0) == []

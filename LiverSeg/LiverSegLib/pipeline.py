@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from scipy import ndimage
 
 from .geometry import canonical_transform
 from .inference import ProgressCallback, choose_device, predict_probabilities, probabilities_to_masks
 from .model import BUNDLED_CARD, ModelCard
-from .postprocessing import LESION, LIVER, compose_label_map
+from .postprocessing import LIVER, compose_label_map, lesion_volumes_ml
 from .preprocessing import SliceGrid, prepare_volume
 from .runtime import OnnxRuntimeNetwork, load_runtime_network
 
@@ -107,8 +106,8 @@ class LiverSegmenter:
         voxel_ml = voxel_volume_ml(image)
         lesion_volumes: list[float] = []
         if lesions:
-            components, count = ndimage.label(label_canonical == LESION, structure=np.ones((3, 3, 3), bool))
-            lesion_volumes = [float(n) * voxel_ml for n in np.bincount(components.ravel())[1:]]
+            lesion_volumes = lesion_volumes_ml(label_canonical, voxel_ml)
+        lap("lesion_count")
         return SegmentationResult(
             label_image=label_image,
             liver_ml=float(np.count_nonzero(label_canonical >= LIVER)) * voxel_ml,
