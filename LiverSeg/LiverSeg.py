@@ -332,7 +332,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         if key not in self._segmenters:
             started = time.perf_counter()
             self._segmenters[key] = LiverSegmenter(key[0], device=device)
-            logging.info("LiverSeg: model %s loaded on %s in %.1f s", key[0], self._segmenters[key].device, time.perf_counter() - started)
+            logging.info("LiverSeg: model %s loaded on %s (%s) in %.1f s", key[0], self._segmenters[key].device, self._segmenters[key].runtime, time.perf_counter() - started)
         return self._segmenters[key]
 
     def start(self, parameters: LiverSegParameterNode) -> LiverSegJob:

@@ -94,3 +94,17 @@ def test_unusable_cache_falls_back_to_torch(tmp_path, monkeypatch, caplog):
 def test_unknown_runtime_is_an_input_error():
     with pytest.raises(LiverSegInputError, match="unknown runtime 'tensorrt'"):
         LiverSegmenter(device="cpu", runtime="tensorrt")
+
+
+def test_cli_says_when_it_prepares_the_onnx_model(tmp_path, monkeypatch, capsys):
+    """The one-time export is announced on stderr; the next run is silent about it."""
+    from LiverSegLib.cli import main
+
+    monkeypatch.setenv("LIVERSEG_CACHE", str(tmp_path / "cache"))
+    argv = ["segment", str(SAMPLE), "-o", str(tmp_path / "liver.nii.gz"), "--no-lesions"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "liverseg: preparing the model for ONNX Runtime (first run of this model only)" in first.err
+    assert "(onnxruntime)" in first.out
+    assert main(argv[:3] + [str(tmp_path / "again.nii.gz"), "--no-lesions"]) == 0
+    assert "preparing the model" not in capsys.readouterr().err

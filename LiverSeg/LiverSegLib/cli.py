@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import logging
 import warnings
 from pathlib import Path
 
@@ -118,9 +119,27 @@ def _series(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (a StreamHandler would keep the first one)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _show_engine_messages() -> None:
+    """The engine's own log lines (one-time ONNX export, OOM retries) on stderr, prefixed like warnings."""
+    engine_log = logging.getLogger("LiverSegLib")
+    if not any(isinstance(h, _StderrHandler) for h in engine_log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("liverseg: %(message)s"))
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.formatwarning = lambda message, category, *rest: f"liverseg: warning: {message}\n"
+    _show_engine_messages()
     try:
         return _segment(args) if args.command == "segment" else _series(args)
     except LiverSegInputError as error:

@@ -116,7 +116,7 @@ def onnx_network(card: ModelCard, weights_path: Path) -> OnnxRuntimeNetwork:
     if not cached_onnx_is_intact(onnx_path):
         if onnx_path.exists():
             log.warning("cached ONNX model %s does not match its recorded SHA-256: exporting it again", onnx_path)
-        log.info("exporting the model to ONNX (once per model): %s", onnx_path)
+        log.info("preparing the model for ONNX Runtime (first run of this model only): %s", onnx_path)
         export_onnx(load_network(card, weights_path), card, onnx_path)
     return OnnxRuntimeNetwork(onnx_path)
 
