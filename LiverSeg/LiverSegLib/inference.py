@@ -75,8 +75,11 @@ def predict_probabilities(
             try:
                 if volume_on_device is None:
                     # Channels-last (NHWC) convolutions: 1.15× the slices per second of NCHW on the 2-core
-                    # CPU (benchmarks/README.md), and the layout tensor cores want under autocast.
-                    network = network.to(device, memory_format=torch.channels_last)
+                    # CPU (benchmarks/README.md), and the layout tensor cores want under autocast. Converted
+                    # outside inference mode: parameters made inside it could not be trained any more
+                    # (validation runs this on the network being trained).
+                    with torch.inference_mode(False):
+                        network = network.to(device, memory_format=torch.channels_last)
                     volume_on_device = volume.to(device)
                 indices = torch.arange(start, min(start + batch_size, total), device=device)
                 probabilities = _forward(network, slice_stack(volume_on_device, indices, card.context_slices), device)
