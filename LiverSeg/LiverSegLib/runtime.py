@@ -116,8 +116,9 @@ def onnx_network(card: ModelCard, weights_path: Path) -> OnnxRuntimeNetwork:
     if not cached_onnx_is_intact(onnx_path):
         if onnx_path.exists():
             log.warning("cached ONNX model %s does not match its recorded SHA-256: exporting it again", onnx_path)
+        network = load_network(card, weights_path)  # unloadable weights fail here, before any announcement
         log.info("preparing the model for ONNX Runtime (first run of this model only): %s", onnx_path)
-        export_onnx(load_network(card, weights_path), card, onnx_path)
+        export_onnx(network, card, onnx_path)
     return OnnxRuntimeNetwork(onnx_path)
 
 
