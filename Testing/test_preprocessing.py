@@ -150,3 +150,17 @@ def test_lesion_volumes_by_hand():
     label[6:8, 7:10, 7:8] = 2  # 6 voxels
     assert sorted(lesion_volumes_ml(label, 0.5)) == [3.0, 4.5]
     assert lesion_volumes_ml(np.zeros((3, 3, 3), np.uint8), 1.0) == []
+
+
+def test_chunked_preprocessing_equals_the_whole_volume_at_once(data_root):
+    """prepare_volume works in slice chunks to bound memory; every step is per slice, so the chunk size
+    must not change a single value (training caches and inference both use it)."""
+    import SimpleITK as sitk
+
+    from conftest import read_case
+
+    ct = sitk.GetArrayFromImage(read_case(data_root, "dcmqi_ct3slice")[0])
+    ct = np.concatenate([ct] * 5)  # 15 slices: chunks of 4 leave a remainder of 3
+    whole = prepare_volume(ct, (-200.0, 300.0), 128, chunk_slices=len(ct))
+    assert torch.equal(prepare_volume(ct, (-200.0, 300.0), 128, chunk_slices=4), whole)
+    assert whole.shape == (15, 128, 128) and whole.dtype == torch.float32

@@ -62,10 +62,20 @@ def to_slice_grid(model_grid: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
     return resized[..., top : top + grid.rows, left : left + grid.cols]
 
 
-def prepare_volume(ct_canonical_hu: np.ndarray, window: tuple[float, float], input_size: int) -> torch.Tensor:
-    """Canonical CT (Z, rows, cols) in HU → (Z, input_size, input_size) float32 in [0, 1]."""
-    volume = torch.from_numpy(np.array(ct_canonical_hu, dtype=np.float32, order="C"))
-    return to_model_grid(window_hu(volume, window), input_size)
+def prepare_volume(
+    ct_canonical_hu: np.ndarray, window: tuple[float, float], input_size: int, chunk_slices: int = 32
+) -> torch.Tensor:
+    """Canonical CT (Z, rows, cols) in HU → (Z, input_size, input_size) float32 in [0, 1].
+
+    Slice by slice in chunks: every step is per slice, so the result is the same as on the whole volume,
+    but the full-resolution float copies (three of them, 300 MB each for 300 slices of 512²) never exist.
+    """
+    depth = ct_canonical_hu.shape[0]
+    volume = torch.empty((depth, input_size, input_size), dtype=torch.float32)
+    for start in range(0, depth, chunk_slices):
+        chunk = torch.from_numpy(np.array(ct_canonical_hu[start : start + chunk_slices], dtype=np.float32, order="C"))
+        volume[start : start + len(chunk)] = to_model_grid(window_hu(chunk, window), input_size)
+    return volume
 
 
 def prepare_label(label_canonical: np.ndarray, input_size: int) -> torch.Tensor:
