@@ -7,9 +7,9 @@ succeeds (the output goes to a temporary file that is renamed at the end).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-import logging
 import warnings
 from pathlib import Path
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import LiverSegInputError
-from .model import BUNDLED_CARD, ModelCard, load_network, sha256_of, verify_model
+from .model import ModelCard, load_network, sha256_of, verify_model
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "torch", "onnxruntime")
@@ -58,16 +58,15 @@ class OnnxRuntimeNetwork(torch.nn.Module):
     It has no parameters, so ``.to(cpu)`` and ``.eval()`` are no-ops; logits come back as a torch tensor.
     """
 
-    def __init__(self, onnx_path: Path, threads: int | None = None):
+    def __init__(self, onnx_path: Path):
         super().__init__()
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.onnx_path = onnx_path
         self.session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -110,22 +109,14 @@ def cached_onnx_is_intact(onnx_path: Path) -> bool:
     return recorded.read_text(encoding="utf-8").strip() == sha256_of(onnx_path)
 
 
-def onnx_network(card: ModelCard, weights_path: Path) -> OnnxRuntimeNetwork:
-    """The ONNX Runtime network of the verified weights, exporting it into the cache when missing or broken."""
-    onnx_path = onnx_cache_path(card)
-    if not cached_onnx_is_intact(onnx_path):
-        if onnx_path.exists():
-            log.warning("cached ONNX model %s does not match its recorded SHA-256: exporting it again", onnx_path)
-        network = load_network(card, weights_path)  # unloadable weights fail here, before any announcement
-        log.info("preparing the model for ONNX Runtime (first run of this model only): %s", onnx_path)
-        export_onnx(network, card, onnx_path)
-    return OnnxRuntimeNetwork(onnx_path)
-
-
 def load_runtime_network(
     card_path: str | Path, device: torch.device, runtime: str = "auto"
 ) -> tuple[ModelCard, torch.nn.Module]:
-    """(card, network) for ``device``: ONNX Runtime where it is the faster choice and can run, else torch."""
+    """(card, network) for ``device``: ONNX Runtime where it is the faster choice and can run, else torch.
+
+    The ONNX file comes from the cache when intact; otherwise the torch network is loaded once, exported,
+    and, under ``auto``, is what runs if the export or the session fails (read-only cache, no `onnx`).
+    """
     if runtime not in RUNTIMES:
         raise LiverSegInputError(f"unknown runtime '{runtime}', choose one of {', '.join(RUNTIMES)}")
     card, weights_path = verify_model(card_path)
@@ -134,16 +125,25 @@ def load_runtime_network(
             raise LiverSegInputError(f"--runtime onnxruntime runs on the CPU only; the device is {device.type}")
         if not onnxruntime_available():
             raise LiverSegInputError("--runtime onnxruntime was asked for but onnxruntime is not installed (pip install onnxruntime)")
-        try:
-            return card, onnx_network(card, weights_path)
-        except OSError as error:
+    elif not (runtime == "auto" and device.type == "cpu" and onnxruntime_available()):
+        return card, load_network(card, weights_path)
+    onnx_path = onnx_cache_path(card)
+    network = None
+    try:
+        if not cached_onnx_is_intact(onnx_path):
+            if onnx_path.exists():
+                log.warning("cached ONNX model %s does not match its recorded SHA-256: exporting it again", onnx_path)
+            network = load_network(card, weights_path)  # unloadable weights fail here, before any announcement
+            log.info("preparing the model for ONNX Runtime (first run of this model only): %s", onnx_path)
+            export_onnx(network, card, onnx_path)
+        return card, OnnxRuntimeNetwork(onnx_path)
+    except (OSError, ImportError, RuntimeError) as error:  # read-only cache, no `onnx` to export with
+        if runtime == "onnxruntime" and isinstance(error, OSError):
             raise LiverSegInputError(f"cannot write the ONNX model cache under {cache_dir()} ({error.strerror or error}); set LIVERSEG_CACHE to a writable folder") from None
-    if runtime == "auto" and device.type == "cpu" and onnxruntime_available():
-        try:
-            return card, onnx_network(card, weights_path)
-        except (OSError, ImportError, RuntimeError) as error:  # read-only cache, no `onnx` to export with
-            log.warning("ONNX Runtime unavailable (%s): running the network with torch", str(error).splitlines()[0])
-    return card, load_network(card, weights_path)
+        if runtime == "onnxruntime":
+            raise
+        log.warning("ONNX Runtime unavailable (%s): running the network with torch", str(error).splitlines()[0])
+    return card, network if network is not None else load_network(card, weights_path)
 
 
 __all__ = ["RUNTIMES", "OnnxRuntimeNetwork", "cache_dir", "load_runtime_network", "onnx_cache_path", "onnxruntime_available"]
