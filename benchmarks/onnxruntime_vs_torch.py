@@ -1,14 +1,13 @@
 """Is ONNX Runtime faster than torch for the bundled network on this CPU, with the same output?
 
-    pip install onnxruntime onnx      # not project dependencies: only this comparison needs them
     python benchmarks/onnxruntime_vs_torch.py CT [--batch-size 16] [--repeats 3] [--threads N]
 
 Exports the bundled model (fp32) to ONNX, runs the preprocessed slices of CT through torch and through
 ONNX Runtime's CPU provider (and torch with channels-last memory, and a frozen TorchScript trace with
 conv/batch-norm folding, the two torch-side alternatives) in the same process with the same thread count, and prints slices per second
 for each, the largest probability difference, and the label agreement. Also times the cold start that
-each path would cost a CLI run (importing torch + smp + building the network, against importing
-onnxruntime + creating a session). Prints figures; asserts nothing.
+each path would cost a CLI run (importing torch + smp + building the network, against importing torch
++ onnxruntime + creating the engine's session: the engine imports torch either way). Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -31,8 +30,9 @@ print(time.perf_counter() - t)
 """
 COLD_ONNX = """
 import sys, time; t = time.perf_counter()
-import onnxruntime
-onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+from pathlib import Path
+from LiverSegLib.runtime import OnnxRuntimeNetwork
+OnnxRuntimeNetwork(Path(sys.argv[1]))
 print(time.perf_counter() - t)
 """
 
@@ -58,6 +58,7 @@ def main() -> None:
     from LiverSegLib.io import read_ct
     from LiverSegLib.model import load_model
     from LiverSegLib.preprocessing import prepare_volume, slice_stack
+    from LiverSegLib.runtime import OnnxRuntimeNetwork, export_onnx
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,13 +72,9 @@ def main() -> None:
     batches = [slice_stack(volume, torch.arange(s, min(s + args.batch_size, total)), card.context_slices) for s in range(0, total, args.batch_size)]
 
     with tempfile.TemporaryDirectory() as folder:
-        onnx_path = str(Path(folder) / "liverseg.onnx")
-        torch.onnx.export(network, batches[0], onnx_path, input_names=["slices"], output_names=["logits"],
-                          dynamic_axes={"slices": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        onnx_path = Path(folder) / "liverseg.onnx"
+        export_onnx(network, card, onnx_path)  # the engine's export and session, as `--runtime onnxruntime` runs them
+        onnx_network = OnnxRuntimeNetwork(onnx_path)
 
         def run_torch() -> np.ndarray:
             with torch.inference_mode():
@@ -97,8 +94,7 @@ def main() -> None:
                 return np.concatenate([torch.sigmoid(frozen(b)).numpy() for b in batches])
 
         def run_onnx() -> np.ndarray:
-            outputs = [session.run(None, {"slices": b.numpy()})[0] for b in batches]
-            return 1 / (1 + np.exp(-np.concatenate(outputs)))
+            return np.concatenate([torch.sigmoid(onnx_network(b)).numpy() for b in batches])
 
         figures: dict[str, object] = {"ct": args.ct, "slices": total, "batch_size": args.batch_size, "threads": threads,
                                       "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
@@ -116,7 +112,7 @@ def main() -> None:
         figures["max_abs_probability_difference"] = float(np.abs(results["torch"] - results["onnxruntime"]).max())
         figures["label_agreement"] = float(((results["torch"] >= 0.5) == (results["onnxruntime"] >= 0.5)).mean())
         figures["cold_start_torch_smp_s"] = round(cold_start_s(COLD_TORCH), 2)
-        figures["cold_start_onnxruntime_s"] = round(cold_start_s(COLD_ONNX, onnx_path), 2)
+        figures["cold_start_onnxruntime_s"] = round(cold_start_s(COLD_ONNX, str(onnx_path)), 2)
     print(json.dumps(figures, indent=1))
 
 

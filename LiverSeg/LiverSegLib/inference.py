@@ -74,7 +74,7 @@ def predict_probabilities(
         while start < total:
             try:
                 if volume_on_device is None:
-                    # Channels-last (NHWC) convolutions: 1.15× the slices per second of NCHW on the 2-core
+                    # Channels-last (NHWC) convolutions: 1.15–1.26× the slices per second of NCHW on the 2-core
                     # CPU (benchmarks/README.md), and the layout tensor cores want under autocast. Converted
                     # outside inference mode: parameters made inside it could not be trained any more
                     # (validation runs this on the network being trained).
