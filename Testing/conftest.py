@@ -4,6 +4,7 @@ fails the tests that need it instead of skipping them."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,19 @@ def segmenter(model_cache):
     from LiverSegLib.pipeline import LiverSegmenter
 
     return LiverSegmenter(device="cpu")
+
+
+@pytest.fixture()
+def model_copy(tmp_path) -> tuple[Path, Path]:
+    """(card, weights) of a copy of the bundled model, for tests that damage it."""
+    from LiverSegLib.model import BUNDLED_CARD, read_card
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    weights_file = read_card().weights_file
+    shutil.copy(BUNDLED_CARD, folder / BUNDLED_CARD.name)
+    shutil.copy(BUNDLED_CARD.parent / weights_file, folder / weights_file)
+    return folder / BUNDLED_CARD.name, folder / weights_file
 
 
 def read_case(data_root: Path, name: str) -> tuple[sitk.Image, sitk.Image]:

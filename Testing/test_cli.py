@@ -13,7 +13,6 @@ import pytest
 import SimpleITK as sitk
 
 from LiverSegLib.cli import main
-from LiverSegLib.model import BUNDLED_CARD
 
 from conftest import PROJECT_ROOT
 
@@ -136,16 +135,6 @@ def test_output_must_not_overwrite_input(capsys, tmp_path, data_root):
     before = ct.read_bytes()
     code, _, err = run_cli(capsys, "segment", ct, "-o", ct)
     assert code == 2 and "overwrite the input" in err and ct.read_bytes() == before
-
-
-@pytest.fixture()
-def model_copy(tmp_path):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    card = json.loads(BUNDLED_CARD.read_text(encoding="utf-8"))
-    shutil.copy(BUNDLED_CARD, folder / BUNDLED_CARD.name)
-    shutil.copy(BUNDLED_CARD.parent / card["weights_file"], folder / card["weights_file"])
-    return folder / BUNDLED_CARD.name, folder / card["weights_file"]
 
 
 def test_tampered_weights_are_refused(capsys, tmp_path, data_root, model_copy):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from LiverSegLib.errors import LiverSegInputError, ModelIntegrityError
-from LiverSegLib.model import BUNDLED_CARD, read_card
+from LiverSegLib.model import read_card
 from LiverSegLib.pipeline import LiverSegmenter
 from LiverSegLib.runtime import onnx_cache_path
 
@@ -66,17 +65,15 @@ def test_damaged_cache_is_exported_again(tmp_path, monkeypatch, caplog):
     assert onnx_path.read_bytes() == good and segmenter.runtime == "onnxruntime"
 
 
-def test_tampered_weights_are_refused_even_with_a_cached_export(tmp_path, segmenter):
+def test_tampered_weights_are_refused_even_with_a_cached_export(model_copy, segmenter):
     """The ONNX cache is keyed by the card's hash; the weights are still checked on every load."""
-    model_dir = tmp_path / "model"
-    shutil.copytree(BUNDLED_CARD.parent, model_dir)
-    weights = model_dir / read_card().weights_file
+    card, weights = model_copy
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF
     weights.write_bytes(bytes(data))
     for runtime in ("auto", "onnxruntime", "torch"):
         with pytest.raises(ModelIntegrityError, match="SHA-256"):
-            LiverSegmenter(model_dir / "liverseg.json", device="cpu", runtime=runtime)
+            LiverSegmenter(card, device="cpu", runtime=runtime)
 
 
 def test_unusable_cache_falls_back_to_torch(tmp_path, monkeypatch, caplog):
