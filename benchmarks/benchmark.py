@@ -4,7 +4,8 @@
 
 Network alone: slices per second of ``predict_probabilities`` on the preprocessed volume (after one
 warm-up run). End to end: read → segment → write, in a fresh process per device, timed from inside
-(model loading included) and its peak resident memory. Prints figures; asserts nothing.
+(model loading included), then the same CT once more with the model loaded and warm (a Slicer session,
+a batch run), and the process's peak resident memory. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -35,11 +36,18 @@ def end_to_end_child(ct: str, device: str, runtime: str, batch_size: int | None)
     segmented = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         write_image_atomic(result.label_image, Path(folder) / "label.nii.gz")
-    written = time.perf_counter()
+        written = time.perf_counter()
+        stages_s, runtime_used = result.timings_s, result.runtime
+        del image, result  # the warm run must not add to the peak resident memory
+        # The same CT again with the model already loaded and warm, as in a Slicer session or a batch run.
+        warm_result = segmenter.segment(read_ct(ct), batch_size=batch_size)
+        write_image_atomic(warm_result.label_image, Path(folder) / "label.nii.gz")
+        warm_written = time.perf_counter()
     print(json.dumps({
         "import_s": imported - started, "read_s": read - imported, "load_model_s": loaded - read,
         "segment_s": segmented - loaded, "write_s": written - segmented,
-        "read_to_write_s": written - imported, "stages_s": result.timings_s, "runtime": result.runtime,
+        "read_to_write_s": written - imported, "stages_s": stages_s, "runtime": runtime_used,
+        "warm_read_to_write_s": warm_written - written, "warm_stages_s": warm_result.timings_s,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024,
     }))
 
@@ -105,6 +113,8 @@ def main() -> int:
             print(f"{tag} end to end (read → segment → write): {timings['read_to_write_s']:.2f} s "
                   f"(read {timings['read_s']:.2f}, model load {timings['load_model_s']:.2f}, segment {timings['segment_s']:.2f} [{stages}], write {timings['write_s']:.2f}); "
                   f"python + torch import {timings['import_s']:.2f} s; runtime {timings['runtime']}")
+            warm_stages = ", ".join(f"{k} {v:.2f}" for k, v in timings["warm_stages_s"].items())
+            print(f"{tag} warm (model loaded, the same CT again): read → segment → write {timings['warm_read_to_write_s']:.2f} s [{warm_stages}]")
             print(f"{tag} peak RSS of the end-to-end process: {timings['peak_rss_gb']:.2f} GB")
     return 0
 
