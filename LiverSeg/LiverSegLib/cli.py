@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import LiverSegInputError
@@ -52,6 +53,12 @@ def _progress_bar(total_hint: str):
     return update, bar.close
 
 
+def _load_segmenter(card_path: str | Path, device: str, runtime: str):
+    from .pipeline import LiverSegmenter
+
+    return LiverSegmenter(card_path, device=device, runtime=runtime)
+
+
 def _segment(args: argparse.Namespace) -> int:
     from .io import check_output_path, read_ct, read_dicom_series, select_series
     from .model import BUNDLED_CARD
@@ -64,17 +71,21 @@ def _segment(args: argparse.Namespace) -> int:
     input_path = Path(args.input)
     if input_path.exists() and output.exists() and output.resolve() == input_path.resolve():
         raise LiverSegInputError(f"output would overwrite the input: {output}")
+    if not input_path.exists():
+        raise LiverSegInputError(f"input does not exist: {input_path}")
     series = None
-    if str(output).lower().endswith(DICOM_SEG_SUFFIX):
-        if not input_path.is_dir():
-            raise LiverSegInputError(f"a DICOM SEG output ({output.name}) needs a DICOM series folder as input")
-        series = select_series(input_path, args.series)
-        image = read_dicom_series(series)
-    else:
-        image = read_ct(input_path, args.series)
-    from .pipeline import LiverSegmenter
-
-    segmenter = LiverSegmenter(args.model or BUNDLED_CARD, device=args.device, runtime=args.runtime)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="liverseg-model") as pool:
+        # The model loads (torch import, weight check, ONNX session or CUDA start-up) while the CT is read:
+        # SimpleITK releases the GIL while it decodes, so the two overlap (benchmarks/README.md).
+        loading = pool.submit(_load_segmenter, args.model or BUNDLED_CARD, args.device, args.runtime)
+        if str(output).lower().endswith(DICOM_SEG_SUFFIX):
+            if not input_path.is_dir():
+                raise LiverSegInputError(f"a DICOM SEG output ({output.name}) needs a DICOM series folder as input")
+            series = select_series(input_path, args.series)
+            image = read_dicom_series(series)
+        else:
+            image = read_ct(input_path, args.series)
+        segmenter = loading.result()
     progress, close = _progress_bar("segmenting")
     try:
         result = segmenter.segment(
