@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import LiverSegInputError
+from .options import DEVICES, RUNTIMES
 
 EXIT_INPUT_ERROR = 2
 DICOM_SEG_SUFFIX = ".dcm"
@@ -26,9 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment a CT volume or DICOM series folder")
     segment.add_argument("input", help="CT as .nii.gz/.nii/.nrrd/.mha or a DICOM series folder")
     segment.add_argument("-o", "--output", required=True, help="label map: .nii.gz, .nii, .nrrd or .mha (0 background, 1 liver, 2 lesion), a Slicer segmentation .seg.nrrd, or DICOM SEG .dcm (DICOM input)")
-    segment.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    segment.add_argument("--device", default="auto", choices=DEVICES)
     segment.add_argument("--model", help="model card JSON (default: the bundled model)")
-    segment.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnxruntime"), help="what runs the network; auto: ONNX Runtime on the CPU when installed (faster), else torch")
+    segment.add_argument("--runtime", default="auto", choices=RUNTIMES, help="what runs the network; auto: ONNX Runtime on the CPU when installed (faster), else torch")
     segment.add_argument("--batch-size", type=int, help="slices per network batch (default: sized to the device)")
     segment.add_argument("--series", help="DICOM SeriesInstanceUID or series number, when a folder holds several")
     segment.add_argument("--no-lesions", action="store_true", help="liver only")

@@ -9,11 +9,11 @@ from typing import Callable
 import torch
 
 from .model import ModelCard
+from .options import DEVICES
 from .preprocessing import SliceGrid, slice_stack, to_slice_grid
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def choose_device(requested: str = "auto") -> torch.device:

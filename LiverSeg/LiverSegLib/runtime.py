@@ -26,9 +26,9 @@ import torch
 
 from .errors import LiverSegInputError
 from .model import ModelCard, load_network, sha256_of, verify_model
+from .options import RUNTIMES
 
 log = logging.getLogger(__name__)
-RUNTIMES = ("auto", "torch", "onnxruntime")
 ONNX_EXPORT_VERSION = 1  # bump when the export itself changes (opset, names), so old cache files go unused
 ONNX_OPSET = 17
 
@@ -146,4 +146,4 @@ def load_runtime_network(
     return card, network if network is not None else load_network(card, weights_path)
 
 
-__all__ = ["RUNTIMES", "OnnxRuntimeNetwork", "cache_dir", "load_runtime_network", "onnx_cache_path", "onnxruntime_available"]
+__all__ = ["OnnxRuntimeNetwork", "cache_dir", "load_runtime_network", "onnx_cache_path", "onnxruntime_available"]
