@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from LiverSegLib.postprocessing import compose_label_map, fill_holes, largest_component, lesion_volumes_ml
+from LiverSegLib.postprocessing import compose_label_map, fill_holes, label_components, largest_component, lesion_volumes_ml
 from LiverSegLib.preprocessing import SliceGrid, prepare_label, prepare_volume, slice_stack, to_model_grid, to_slice_grid, window_hu
 
 
@@ -95,6 +96,28 @@ def test_hole_filling_equals_scipy_slice_by_slice_on_a_real_liver(data_root):
     for index in range(expected.shape[0]):
         expected[index] = ndimage.binary_fill_holes(expected[index])
     assert np.array_equal(fill_holes(holed), expected)
+
+
+
+@pytest.mark.parametrize(("fully_connected", "density"), [(True, 0.08), (False, 0.25)])  # below percolation
+def test_itk_components_partition_like_scipy_on_a_real_liver(data_root, fully_connected, density):
+    """ITK's labelling (used for speed) splits a speckled real liver into exactly the components that
+    ``ndimage.label`` finds with the 26- or 6-connected structure: same count, one-to-one labels."""
+    from scipy import ndimage
+
+    import SimpleITK as sitk
+
+    from conftest import read_case
+
+    liver = sitk.GetArrayFromImage(read_case(data_root, "ircad_17")[1]) >= 1
+    speckled = liver & (np.random.default_rng(2).random(liver.shape) < density)  # thousands of components
+    structure = ndimage.generate_binary_structure(3, 3 if fully_connected else 1)
+    expected, expected_count = ndimage.label(speckled, structure=structure)
+    labels, count = label_components(speckled, fully_connected)
+    assert count == expected_count > 1000
+    assert np.array_equal(labels > 0, expected > 0)
+    pairs = np.unique(np.stack([labels[speckled], expected[speckled]]), axis=1)
+    assert pairs.shape[1] == count  # each ITK label maps to one scipy label and back
 
 
 def test_lesions_only_inside_the_cleaned_liver():

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
 LIVER, LESION = 1, 2
 
 
+def label_components(mask: np.ndarray, fully_connected: bool) -> tuple[np.ndarray, int]:
+    """Connected components of a 3D mask, 26-connected (``fully_connected``) or 6-connected: the same
+    partition as ``ndimage.label`` with the matching structure, but by ITK's multi-threaded filter
+    (26-connected, on a 302-slice liver box: 0.24 s against scipy's 1.01 s on 2 cores)."""
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), fully_connected))
+    return labels, int(labels.max()) if labels.size else 0
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 26-connected component: stray islands in spleen or heart are false positives."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    labels, count = label_components(mask, fully_connected=True)
     if count <= 1:
         return mask.astype(bool)
     sizes = np.bincount(labels.ravel())
@@ -18,11 +27,11 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(sizes.argmax())
 
 
-def _fill_enclosed(mask: np.ndarray, structure: np.ndarray, border_axes: tuple[int, ...]) -> np.ndarray:
-    """``mask`` plus every background component (connected by ``structure``) that touches no border
-    along ``border_axes``: what ``ndimage.binary_fill_holes`` computes, with one labelling pass
-    instead of an iterative propagation (a third of the time on a CT's liver box)."""
-    background, count = ndimage.label(~mask, structure=structure)
+def _fill_enclosed(mask: np.ndarray, background: np.ndarray, count: int, border_axes: tuple[int, ...]) -> np.ndarray:
+    """``mask`` plus every component of ``background`` (the labelled complement of ``mask``, ``count``
+    components) that touches no border along ``border_axes``: what ``ndimage.binary_fill_holes``
+    computes, with one labelling pass instead of an iterative propagation (a third of the time on a CT's
+    liver box)."""
     reaches_border = np.zeros(count + 1, bool)
     for axis in border_axes:
         reaches_border[np.take(background, [0, -1], axis=axis)] = True
@@ -32,10 +41,11 @@ def _fill_enclosed(mask: np.ndarray, structure: np.ndarray, border_axes: tuple[i
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill enclosed holes in 3D and slice by slice (vessels at the hilum open a hole to the outside in 3D only)."""
-    filled = _fill_enclosed(mask.astype(bool), ndimage.generate_binary_structure(3, 1), (0, 1, 2))
+    mask = mask.astype(bool)
+    filled = _fill_enclosed(mask, *label_components(~mask, fully_connected=False), (0, 1, 2))
     in_slice = np.zeros((3, 3, 3), bool)
     in_slice[1] = ndimage.generate_binary_structure(2, 1)  # all slices at once, none connected to the next
-    return _fill_enclosed(filled, in_slice, (1, 2))
+    return _fill_enclosed(filled, *ndimage.label(~filled, structure=in_slice), (1, 2))
 
 
 def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
@@ -77,5 +87,5 @@ def lesion_volumes_ml(label_map: np.ndarray, voxel_ml: float) -> list[float]:
     """Volume of each 26-connected lesion. Lesions lie inside the liver, so they are labelled in the
     liver's box rather than the whole CT (1 s saved on a 512²×129 CT)."""
     in_liver = label_map[bounding_box(label_map >= LIVER)]
-    components, _ = ndimage.label(in_liver == LESION, structure=np.ones((3, 3, 3), bool))
+    components, _ = label_components(in_liver == LESION, fully_connected=True)
     return [float(n) * voxel_ml for n in np.bincount(components.ravel())[1:]]
