@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from LiverSegLib.geometry import canonical_transform
-from LiverSegLib.inference import predict_probabilities
+from LiverSegLib.inference import CUDA_MAX_BATCH, default_batch_size, predict_probabilities
 from LiverSegLib.model import load_model
 from LiverSegLib.pipeline import LiverSegmenter
 from LiverSegLib.preprocessing import prepare_volume
@@ -84,3 +84,12 @@ def test_out_of_memory_at_batch_one_falls_back_to_the_cpu(data_root, limited_gpu
     with pytest.warns(RuntimeWarning, match="falling back to the CPU"):
         probabilities, device = predict_probabilities(network, volume, card, torch.device("cuda"), batch_size=4)
     assert device.type == "cpu" and probabilities.shape[0] == volume.shape[0]
+
+
+def test_default_cuda_batch_is_the_measured_fastest_when_memory_allows():
+    """64 slices (benchmarks/README.md: the fastest batch on an H100), fewer only when the GPU is short."""
+    card, _ = load_model()
+    free_bytes, _ = torch.cuda.mem_get_info()
+    expected = CUDA_MAX_BATCH if free_bytes > 2 * CUDA_MAX_BATCH * 6e6 * (card.input_size / 128) ** 2 else None
+    batch = default_batch_size(torch.device("cuda"), card)
+    assert 1 <= batch <= CUDA_MAX_BATCH and (expected is None or batch == expected)
