@@ -20,11 +20,13 @@ from LiverSegLib.model import load_model
 from LiverSegLib.pipeline import LiverSegmenter
 from LiverSegLib.preprocessing import prepare_volume
 
+from conftest import read_case
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _ircad_17(data_root) -> sitk.Image:
-    return sitk.ReadImage(str(data_root / "cases" / "ircad_17" / "ct.nii.gz"))
+    return read_case(data_root, "ircad_17")[0]
 
 
 def test_cuda_label_map_matches_the_cpu(data_root, segmenter):
@@ -90,6 +92,7 @@ def test_default_cuda_batch_is_the_measured_fastest_when_memory_allows():
     """64 slices (benchmarks/README.md: the fastest batch on an H100), fewer only when the GPU is short."""
     card, _ = load_model()
     free_bytes, _ = torch.cuda.mem_get_info()
-    expected = CUDA_MAX_BATCH if free_bytes > 2 * CUDA_MAX_BATCH * 6e6 * (card.input_size / 128) ** 2 else None
     batch = default_batch_size(torch.device("cuda"), card)
-    assert 1 <= batch <= CUDA_MAX_BATCH and (expected is None or batch == expected)
+    assert 1 <= batch <= CUDA_MAX_BATCH
+    if free_bytes > 8 * 2**30:  # far more than 64 slices need: a batch of 256 peaked at 2.3 GB on the H100
+        assert batch == CUDA_MAX_BATCH

@@ -18,13 +18,13 @@ from LiverSegLib.model import read_card
 from LiverSegLib.pipeline import LiverSegmenter
 from LiverSegLib.runtime import onnx_cache_path
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, read_case
 
 SAMPLE = PROJECT_ROOT / "LiverSeg" / "Resources" / "Samples" / "CRLM-CT-1004.nii.gz"
 
 
 def test_onnxruntime_and_torch_agree_on_a_real_ct(data_root, segmenter):
-    ct = sitk.ReadImage(str(data_root / "cases" / "ircad_17" / "ct.nii.gz"))
+    ct, _ = read_case(data_root, "ircad_17")
     assert segmenter.runtime == "onnxruntime"  # the CPU default once onnxruntime is installed
     with_onnx = segmenter.segment(ct, keep_probabilities=True)
     with_torch = LiverSegmenter(device="cpu", runtime="torch").segment(ct, keep_probabilities=True)

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from LiverSegLib.options import DEVICES, RUNTIMES
+
 
 def end_to_end_child(ct: str, device: str, runtime: str, batch_size: int | None) -> None:
     """Runs in a child process so that its peak RSS is its own."""
@@ -79,11 +81,15 @@ def network_throughput(ct: str, device_name: str, runtime: str, batch_size: int 
     return repeats * volume.shape[0] / (time.perf_counter() - started)
 
 
+def _stages(seconds_by_stage: dict[str, float]) -> str:
+    return ", ".join(f"{stage} {seconds:.2f}" for stage, seconds in seconds_by_stage.items())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ct")
-    parser.add_argument("--device", nargs="+", default=["cpu"])
-    parser.add_argument("--runtime", nargs="+", default=["auto"], help="auto, torch, onnxruntime (CPU only)")
+    parser.add_argument("--device", nargs="+", default=["cpu"], choices=DEVICES)
+    parser.add_argument("--runtime", nargs="+", default=["auto"], choices=RUNTIMES, help="onnxruntime: CPU only")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -108,13 +114,11 @@ def main() -> int:
                 command += ["--batch-size", str(args.batch_size)]
             child = subprocess.run(command, capture_output=True, text=True, check=True)
             timings = json.loads(child.stdout.strip().splitlines()[-1])
-            stages = ", ".join(f"{k} {v:.2f}" for k, v in timings.pop("stages_s").items())
             print(f"{tag} network: {slices_per_s:.1f} slices/s")
             print(f"{tag} end to end (read → segment → write): {timings['read_to_write_s']:.2f} s "
-                  f"(read {timings['read_s']:.2f}, model load {timings['load_model_s']:.2f}, segment {timings['segment_s']:.2f} [{stages}], write {timings['write_s']:.2f}); "
+                  f"(read {timings['read_s']:.2f}, model load {timings['load_model_s']:.2f}, segment {timings['segment_s']:.2f} [{_stages(timings['stages_s'])}], write {timings['write_s']:.2f}); "
                   f"python + torch import {timings['import_s']:.2f} s; runtime {timings['runtime']}")
-            warm_stages = ", ".join(f"{k} {v:.2f}" for k, v in timings["warm_stages_s"].items())
-            print(f"{tag} warm (model loaded, the same CT again): read → segment → write {timings['warm_read_to_write_s']:.2f} s [{warm_stages}]")
+            print(f"{tag} warm (model loaded, the same CT again): read → segment → write {timings['warm_read_to_write_s']:.2f} s [{_stages(timings['warm_stages_s'])}]")
             print(f"{tag} peak RSS of the end-to-end process: {timings['peak_rss_gb']:.2f} GB")
     return 0
 

@@ -61,7 +61,7 @@ def _load_segmenter(card_path: str | Path, device: str, runtime: str):
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .io import check_output_path, read_ct, read_dicom_series, select_series
+    from .io import check_input_path, check_output_path, read_ct, read_dicom_series, select_series
     from .model import BUNDLED_CARD
     from .outputs import OUTPUT_SUFFIXES, check_report_path, volume_report, write_report, write_segmentation
 
@@ -69,11 +69,9 @@ def _segment(args: argparse.Namespace) -> int:
         raise LiverSegInputError(f"--batch-size must be at least 1, got {args.batch_size}")
     output = check_output_path(args.output, OUTPUT_SUFFIXES + (DICOM_SEG_SUFFIX,))
     reports = [check_report_path(path) for path in args.report]
-    input_path = Path(args.input)
-    if input_path.exists() and output.exists() and output.resolve() == input_path.resolve():
+    input_path = check_input_path(args.input)
+    if output.exists() and output.resolve() == input_path.resolve():
         raise LiverSegInputError(f"output would overwrite the input: {output}")
-    if not input_path.exists():
-        raise LiverSegInputError(f"input does not exist: {input_path}")
     series = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="liverseg-model") as pool:
         # The model loads (torch import, weight check, ONNX session or CUDA start-up) while the CT is read:

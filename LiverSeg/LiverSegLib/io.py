@@ -231,9 +231,7 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Imag
 
     Returns a SimpleITK image of 32-bit floats in Hounsfield units, with the file's geometry.
     """
-    path = Path(path)
-    if not path.exists():
-        raise LiverSegInputError(f"input does not exist: {path}")
+    path = check_input_path(path)
     if path.is_dir():
         return read_dicom_series(select_series(path, series_uid))
     # NIfTI/NRRD/MHA, or a single DICOM file / unknown extension: ITK decides from the content.
@@ -262,6 +260,14 @@ def check_ct(image: sitk.Image, source: str) -> sitk.Image:
     if low > -500 or high < 200:
         warnings.warn(f"{source}: intensities {low:g}..{high:g} do not look like CT Hounsfield units (MR or unscaled?); results may be poor")
     return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def check_input_path(path: str | os.PathLike) -> Path:
+    """The input as a Path, refused at once when it does not exist (before any slow start-up)."""
+    path = Path(path)
+    if not path.exists():
+        raise LiverSegInputError(f"input does not exist: {path}")
+    return path
 
 
 def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> Path:
