@@ -1,17 +1,44 @@
 """LiverSeg: liver and liver-lesion segmentation of CT in 3D Slicer.
 
 Scripted-module anatomy as in Slicer's template: ``LiverSeg`` (module description), ``LiverSegWidget``
-(gathers parameters, shows progress; the only place with Qt), ``LiverSegLogic`` (calls the engine's MRML
-layer, ``LiverSegLib.mrml``), ``LiverSegTest`` (a self-test that really runs inference). Nothing here
-imports torch at load time: the module loads, and passes Slicer's generic tests, before torch exists.
+(gathers parameters, starts, polls and cancels a run, shows messages; the only place with Qt),
+``LiverSegLogic`` (installs what is missing, calls the engine's MRML layer ``LiverSegLib.mrml``),
+``LiverSegTest`` (a self-test that really segments the shipped sample).
+
+The engine never runs in Slicer's process: Slicer's main thread holds Python's GIL, so a worker thread
+would crawl, and a crash in torch would take Slicer down. ``LiverSegLib.mrml.start_segmentation`` writes
+the CT to a temporary file and starts Slicer's own Python (``PythonSlicer``) on the ``liverseg`` command
+line with ``--progress json``; a 100 ms timer polls it; its label map is imported on the main thread.
+Nothing here imports torch, the engine's pipeline, or anything else heavy.
+
+Slicer calls and the releases they were checked against (Slicer's source: 5.8 era, 5.10, main of 2026):
+
+=============================================================  ==============================================
+call                                                           availability / how it is used
+=============================================================  ==============================================
+``vtkSegment.SetTerminology``                                  5.10+; before, the ``TerminologyEntry`` tag
+                                                               (``LiverSegLib.mrml.set_terminology``)
+``parameterNodeWrapper``, ``Choice``, GUI connectors           5.4+
+``slicer.i18n.tr`` / ``translate``                             5.4+ (context fix before 5.8)
+``qMRMLSegmentEditorWidget.setSourceVolumeNode``               5.2+ (``setMasterVolumeNode`` deprecated)
+``slicer.util.pip_install(list)``                              all; str split with shlex, list passed as is;
+                                                               raises ``CalledProcessError``
+``slicer.util.tryWithErrorDisplay`` / ``errorDisplay``         all in use; re-raises; dialogs only log in
+                                                               testing mode
+``slicer.util.arrayFromSegmentBinaryLabelmap(.., reference)``  5.6+ (the self-test)
+``SampleDataLogic.registerCustomSampleDataSource``             all in use; ``file:`` URIs fetched by urllib
+``PyTorchUtilsLogic().installTorch(askConfirmation=...)``      PyTorch extension; returns torch, ``None`` if
+                                                               declined, raises on failure; adds torchvision
+``shutil.which("PythonSlicer")``                               how Slicer's own pip calls find its Python
+=============================================================  ==============================================
 """
 
-import importlib.util
 import logging
-import os
-import threading
+import shutil
+import sys
 import time
-from typing import Annotated, Callable, Optional
+from pathlib import Path
+from typing import Annotated, Optional
 
 import slicer
 import vtk
@@ -27,18 +54,18 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-SAMPLE_FILE = os.path.join(MODULE_DIR, "Resources", "Samples", "CRLM-CT-1004.nii.gz")
+from LiverSegLib.options import DEVICES  # torch-free, like everything imported at load
+
+MODULE_DIR = Path(__file__).resolve().parent
+SAMPLE_FILE = MODULE_DIR / "Resources" / "Samples" / "CRLM-CT-1004.nii.gz"
 SAMPLE_SHA256 = "SHA256:f9577d22f4e8a1d6223de3c28973ef12635e176c47574edc6e49cf297896f4f7"
-# pip name → import name of what the engine needs beyond what Slicer bundles (numpy, SimpleITK, pydicom, scipy).
-# onnxruntime (+ onnx to export the network once) runs the network on the CPU faster than torch; the engine
-# falls back to torch without them, but most Slicer users segment on the CPU, so they are installed too.
-REQUIREMENTS = {
-    "torch": "torch",
-    "segmentation-models-pytorch": "segmentation_models_pytorch",
-    "safetensors": "safetensors",
-    "onnxruntime": "onnxruntime",
-    "onnx": "onnx",
+POLL_INTERVAL_MS = 100
+STAGE_TEXT = {
+    "starting": "Starting the engine…",
+    "reading": "Reading the CT…",
+    "loading model": "Loading the model…",
+    "segmenting": "Segmenting…",
+    "writing": "Writing the result…",
 }
 
 
@@ -69,18 +96,24 @@ class LiverSeg(ScriptedLoadableModule):
 
 
 def registerSampleData():
-    """The shipped sample CT, registered with its SHA-256 so Sample Data verifies it."""
+    """The shipped sample CT, registered with its SHA-256 so Sample Data verifies it. ``Path.as_uri`` gives a
+    valid ``file:`` URI on Windows too (``file:///C:/...``)."""
     import SampleData
 
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="LiverSeg",
         sampleName="LiverSegCRLM1004",
-        thumbnailFileName=os.path.join(MODULE_DIR, "Resources", "Icons", "LiverSeg.png"),
-        uris="file://" + SAMPLE_FILE.replace("\\", "/"),
-        fileNames="CRLM-CT-1004.nii.gz",
+        thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "LiverSeg.png"),
+        uris=SAMPLE_FILE.as_uri(),
+        fileNames=SAMPLE_FILE.name,
         checksums=SAMPLE_SHA256,
         nodeNames="CRLM-CT-1004",
     )
+
+
+def pythonSlicerExecutable() -> str:
+    """Slicer's Python for child processes, found as Slicer's own pip calls find it."""
+    return shutil.which("PythonSlicer") or sys.executable
 
 
 #
@@ -95,7 +128,7 @@ class LiverSegParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
-    device: Annotated[str, Choice(["auto", "cuda", "mps", "cpu"])] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
     lesions: bool = True
     postprocess: bool = True
     modelPath: str = ""
@@ -107,7 +140,8 @@ class LiverSegParameterNode:
 
 
 class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Gathers parameters and shows progress; all work goes through ``LiverSegLogic``."""
+    """Gathers parameters, starts / polls / cancels a run and shows messages; the work is in ``LiverSegLogic``.
+    Every slot ends in a visible message and a panel ready for the next click, whatever fails."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -115,7 +149,8 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
+        self._run = None  # LiverSegLib.mrml.VolumeJob while a segmentation runs
+        self._lastResult = None  # (segmentation node, CT node) of the last finished run, for Segment Editor
         self._timer = None
 
     def setup(self) -> None:
@@ -128,7 +163,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LiverSegLogic()
         self._timer = qt.QTimer()
-        self._timer.setInterval(100)
+        self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.timeout.connect(self._poll)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -136,13 +171,13 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.correctButton.connect("clicked(bool)", self.onCorrectButton)
-        self.ui.cancelButton.enabled = False
+        self._resetPanel(_("Select a CT and click Segment Liver."))
         self.ui.correctButton.enabled = False
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        """Module reload or application exit: no child may outlive the widget, no timer may fire into it."""
+        self._stopRun()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -155,6 +190,9 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None:
+            self._stopRun()
+            self._resetPanel(_("Cancelled: the scene was closed."))
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -179,60 +217,89 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume) and self._job is None
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume) and self._run is None
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = _("Segment the liver") if ready else _("Select a CT volume")
 
-    def onApplyButton(self) -> None:
-        if not self.logic.ensureDependencies(askConfirmation=True):
-            self.ui.statusLabel.text = _("Cancelled: LiverSeg needs PyTorch and segmentation-models-pytorch.")
-            return
-        from LiverSegLib.mrml import new_segmentation_node
+    def _resetPanel(self, status: str) -> None:
+        self.ui.statusLabel.text = status
+        self.ui.cancelButton.enabled = False
+        self._checkCanApply()
 
+    def _showFailure(self, what: str, error: Exception) -> None:
+        logging.error("LiverSeg: %s: %s", what, error)
+        self._resetPanel(_("Failed: {error}").format(error=error))
+        slicer.util.errorDisplay(_("{what}: {error}").format(what=what, error=error))
+
+    def _stopRun(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        if self._run is not None:
+            self._run.job.close()
+            self._run = None
+
+    def onApplyButton(self) -> None:
         parameters = self._parameterNode
-        if not parameters.outputSegmentation:
-            parameters.outputSegmentation = new_segmentation_node(parameters.inputVolume)
         try:
-            self._job = self.logic.start(parameters)
-        except Exception as error:  # a clear message for every failure: bad volume, broken model, ...
-            slicer.util.errorDisplay(_("LiverSeg cannot start: {error}").format(error=error))
+            if not self.logic.ensureDependencies(askConfirmation=True):
+                self._resetPanel(_("Cancelled: LiverSeg needs the Python packages it asked for."))
+                return
+            self._run = self.logic.start(
+                parameters.inputVolume, parameters.outputSegmentation or None, device=parameters.device,
+                lesions=parameters.lesions, postprocess=parameters.postprocess, modelPath=parameters.modelPath,
+            )
+        except Exception as error:  # a failed install, a volume that is no CT, an engine that cannot start
+            self._showFailure(_("LiverSeg cannot start"), error)
             return
         self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = _("Segmenting…")
+        self.ui.statusLabel.text = _(STAGE_TEXT["starting"])
         self.ui.cancelButton.enabled = True
+        self.ui.correctButton.enabled = False
         self._checkCanApply()
         self._timer.start()
 
     def onCancelButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.ui.statusLabel.text = _("Cancelling…")
+        if self._run is not None:
+            self._stopRun()
+            self.ui.progressBar.value = 0
+            self._resetPanel(_("Cancelled; the segmentation was not changed."))
 
     def _poll(self) -> None:
-        """Main-thread side of the background job: progress, then the MRML update when done."""
-        job = self._job
-        self.ui.progressBar.value = int(100 * job.fraction_done)
-        if not job.finished:
+        """Main-thread side of the run: progress, then the MRML import when the child has ended."""
+        run = self._run
+        if run is None:
+            self._timer.stop()
             return
-        self._timer.stop()
-        self._job = None
-        self.ui.cancelButton.enabled = False
-        self._checkCanApply()
-        if job.cancelled:
-            self.ui.statusLabel.text = _("Cancelled; the segmentation was not changed.")
+        try:
+            finished = run.job.poll()
+            self.ui.progressBar.value = int(100 * run.job.fraction_done)
+            self.ui.statusLabel.text = _(STAGE_TEXT.get(run.job.stage, run.job.stage))
+            if not finished:
+                return
+            self._timer.stop()
+            self._run = None
+            segmentation = self.logic.finish(run)
+        except Exception as error:  # the child's own one-line error, a crash, or a failed import
+            self._stopRun()
+            self._showFailure(_("LiverSeg failed"), error)
             return
-        if job.error is not None:
-            self.ui.statusLabel.text = _("Failed: {error}").format(error=job.error)
-            slicer.util.errorDisplay(_("LiverSeg failed: {error}").format(error=job.error))
-            return
-        self.logic.finish(job)
-        segmentation = self._parameterNode.outputSegmentation
-        segmentation.CreateClosedSurfaceRepresentation()
-        self.ui.statusLabel.text = self.logic.describe(segmentation)
+        if not self._parameterNode.outputSegmentation and run.volume_node is self._parameterNode.inputVolume:
+            self._parameterNode.outputSegmentation = segmentation
+        self._lastResult = (segmentation, run.volume_node)
+        self.ui.progressBar.value = 100
+        status = segmentation.GetAttribute("LiverSeg.Summary")
+        if run.job.warnings:
+            status += "\n" + _("Warning: {warnings}").format(warnings="; ".join(run.job.warnings))
+        self._resetPanel(status)
         self.ui.correctButton.enabled = True
 
     def onCorrectButton(self) -> None:
-        self.logic.openSegmentEditor(self._parameterNode.outputSegmentation, self._parameterNode.inputVolume)
+        try:
+            if self._lastResult is None:
+                raise RuntimeError(_("segment a CT first"))
+            self.logic.openSegmentEditor(*self._lastResult)
+        except Exception as error:
+            self._showFailure(_("Cannot open Segment Editor"), error)
 
 
 #
@@ -240,117 +307,85 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class Cancelled(Exception):
-    """Raised from the progress callback to stop the engine between slice batches."""
-
-
-class LiverSegJob:
-    """The engine's run in a background thread: reads nothing from MRML, writes nothing to it."""
-
-    def __init__(self, image, parameters: LiverSegParameterNode, segmenter) -> None:
-        self.volumeNode = parameters.inputVolume
-        self.segmentationNode = parameters.outputSegmentation
-        self.lesions = parameters.lesions
-        self.fraction_done = 0.0
-        self.finished = False
-        self.cancelled = False
-        self.error: Optional[str] = None
-        self.result = None
-        self._cancel = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(image, segmenter, parameters.lesions, parameters.postprocess), daemon=True
-        )
-        self._thread.start()
-
-    def _progress(self, done: int, total: int) -> None:
-        self.fraction_done = done / total
-        if self._cancel.is_set():
-            raise Cancelled()
-
-    def _run(self, image, segmenter, lesions: bool, postprocess: bool) -> None:
-        try:
-            self.result = segmenter.segment(image, lesions=lesions, postprocess=postprocess, progress=self._progress)
-        except Cancelled:
-            self.cancelled = True
-        except Exception as error:  # reported on the main thread
-            logging.exception("LiverSeg failed")
-            self.error = str(error)
-        finally:
-            self.finished = True
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def wait(self) -> None:
-        self._thread.join()
-
-
 class LiverSegLogic(ScriptedLoadableModuleLogic):
-    """Calls the engine's MRML layer; usable without any GUI (batch script, self-test)."""
+    """Installs what is missing and calls the engine's MRML layer; usable without any GUI (batch script,
+    self-test). The engine runs in a child process started from here."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._segmenters: dict = {}
 
     def getParameterNode(self) -> LiverSegParameterNode:
         return LiverSegParameterNode(super().getParameterNode())
 
     @staticmethod
     def missingRequirements() -> list[str]:
-        return [pip_name for pip_name, module in REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+        from LiverSegLib.dependencies import missing_modules
+
+        return missing_modules()
 
     def ensureDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install what is missing, once and only after asking: torch through the PyTorch extension's
-        PyTorchUtils (it picks the CUDA build that fits the driver) when present, else pip."""
-        missing = self.missingRequirements()
+        """Install what is missing, once and only after asking. torch only through the PyTorch extension's
+        PyTorchUtils (the build that fits the GPU driver); the other packages with their version bounds, and
+        with the installed torch and torchvision pinned so pip never replaces them. Raises on a failed
+        install (the caller shows the message); False when the user declines."""
+        from LiverSegLib.dependencies import PIP_REQUIREMENTS, TORCH_VERSION, missing_modules, pip_arguments
+
+        missing = missing_modules()
         if not missing:
             return True
         if askConfirmation and not slicer.app.commandOptions().testingEnabled:
             if not slicer.util.confirmOkCancelDisplay(
                 _("LiverSeg needs these Python packages, which are not installed yet: {packages}. Install them now? "
-                  "This downloads about 1–3 GB and takes a few minutes.").format(packages=", ".join(missing))
+                  "PyTorch alone downloads about 1–3 GB; this takes a few minutes.").format(packages=", ".join(missing))
             ):
                 return False
         if "torch" in missing:
             try:
                 import PyTorchUtils
-
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                    raise RuntimeError("PyTorchUtils could not install torch")
             except ImportError:
-                slicer.util.pip_install("torch")
-        for package in self.missingRequirements():
-            slicer.util.pip_install(package)
-        return not self.missingRequirements()
+                raise RuntimeError("PyTorch is missing and the PyTorch extension is not installed: install 'PyTorch' "
+                                   "from the Extensions Manager (it picks the torch build that fits this computer)") from None
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=TORCH_VERSION) is None:
+                return False
+        pip_missing = [requirement for requirement in missing_modules() if requirement in PIP_REQUIREMENTS]
+        if pip_missing:
+            slicer.util.pip_install(pip_arguments(pip_missing))
+        still_missing = missing_modules()
+        if still_missing:
+            raise RuntimeError(f"still missing after installing: {', '.join(still_missing)}")
+        return True
 
-    def segmenter(self, modelPath: str, device: str):
-        """One verified model per (card, device), loaded on first use."""
-        from LiverSegLib.model import BUNDLED_CARD
-        from LiverSegLib.pipeline import LiverSegmenter
+    def start(
+        self,
+        inputVolume: vtkMRMLScalarVolumeNode,
+        outputSegmentation: Optional[vtkMRMLSegmentationNode] = None,
+        device: str = "auto",
+        lesions: bool = True,
+        postprocess: bool = True,
+        modelPath: str = "",
+        timeoutSeconds: Optional[float] = None,
+    ):
+        """Check the CT and start the engine on it in a child process; returns the running job at once."""
+        from LiverSegLib.job import SegmentationOptions
+        from LiverSegLib.mrml import start_segmentation
 
-        key = (modelPath or str(BUNDLED_CARD), device)
-        if key not in self._segmenters:
-            started = time.perf_counter()
-            self._segmenters[key] = LiverSegmenter(key[0], device=device)
-            logging.info("LiverSeg: model %s loaded on %s (%s) in %.1f s", key[0], self._segmenters[key].device, self._segmenters[key].runtime, time.perf_counter() - started)
-        return self._segmenters[key]
+        options = SegmentationOptions(device=device, lesions=lesions, postprocess=postprocess, model_card=modelPath)
+        run = start_segmentation(inputVolume, outputSegmentation, options, python_executable=pythonSlicerExecutable(), timeout_s=timeoutSeconds)
+        logging.info("LiverSeg: segmenting '%s' in a child process: %s", inputVolume.GetName(), " ".join(run.job.command))
+        return run
 
-    def start(self, parameters: LiverSegParameterNode) -> LiverSegJob:
-        """Validate the input on the main thread, then run the engine in a background thread."""
-        from LiverSegLib.io import check_ct
-        from LiverSegLib.mrml import image_from_volume_node
+    def finish(self, run) -> vtkMRMLSegmentationNode:
+        """Main thread, once the run has ended: import its result into the segmentation node (the one given
+        at start, or a new one) and remove its files. Raises the run's error (the child's one line)."""
+        from LiverSegLib.mrml import finish_segmentation
 
-        volume = parameters.inputVolume
-        image = check_ct(image_from_volume_node(volume), f"volume '{volume.GetName()}'")
-        return LiverSegJob(image, parameters, self.segmenter(parameters.modelPath, parameters.device))
-
-    def finish(self, job: LiverSegJob) -> None:
-        """Main thread: write the result into the segmentation node and log device and timing."""
-        from LiverSegLib.mrml import store_result
-
-        store_result(job.segmentationNode, job.volumeNode, job.result, lesions=job.lesions)
-        job.segmentationNode.CreateDefaultDisplayNodes()
-        logging.info("LiverSeg: %s (stages: %s)", job.result.summary(), job.result.timings_s)
+        segmentation = finish_segmentation(run)
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.CreateClosedSurfaceRepresentation()
+        for warning in run.job.warnings:
+            logging.warning("LiverSeg: %s", warning)
+        logging.info("LiverSeg: %s (stages: %s)", segmentation.GetAttribute("LiverSeg.Summary"), run.job.report.get("timings_s"))
+        return segmentation
 
     def process(
         self,
@@ -360,40 +395,31 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         lesions: bool = True,
         postprocess: bool = True,
         modelPath: str = "",
-        progress: Optional[Callable[[int, int], None]] = None,
+        timeoutSeconds: Optional[float] = None,
     ) -> vtkMRMLSegmentationNode:
-        """Synchronous run for scripts and tests: returns the segmentation node."""
-        from LiverSegLib.mrml import segment_volume_node
-
+        """Synchronous run for scripts, the batch script and the self-test: start, wait, finish: the same
+        child process and import as the button."""
         started = time.perf_counter()
-        segmentation = segment_volume_node(
-            inputVolume, outputSegmentation, segmenter=self.segmenter(modelPath, device),
-            lesions=lesions, postprocess=postprocess, progress=progress,
-        )
-        segmentation.CreateDefaultDisplayNodes()
-        logging.info("LiverSeg: %s in %.1f s", self.describe(segmentation), time.perf_counter() - started)
+        run = self.start(inputVolume, outputSegmentation, device, lesions, postprocess, modelPath, timeoutSeconds)
+        try:
+            run.job.wait()
+        finally:
+            if not run.job.finished:  # interrupted while waiting: no child left behind
+                run.job.close()
+        segmentation = self.finish(run)
+        logging.info("LiverSeg: done in %.1f s", time.perf_counter() - started)
         return segmentation
-
-    @staticmethod
-    def describe(segmentation: vtkMRMLSegmentationNode) -> str:
-        text = _("Liver {liver} mL").format(liver=segmentation.GetAttribute("LiverSeg.LiverVolumeMl"))
-        count = int(segmentation.GetAttribute("LiverSeg.LesionCount") or -1)
-        if count >= 0:
-            text += _("; {count} lesion(s), {volume} mL").format(count=count, volume=segmentation.GetAttribute("LiverSeg.LesionVolumeMl"))
-            if segmentation.GetAttribute("LiverSeg.LesionsValidated") != "True":
-                text += _(" (experimental)")
-        return text + _("; {seconds} s on {device}").format(
-            seconds=segmentation.GetAttribute("LiverSeg.Seconds"), device=segmentation.GetAttribute("LiverSeg.Device")
-        )
 
     @staticmethod
     def openSegmentEditor(segmentation: vtkMRMLSegmentationNode, volume: vtkMRMLScalarVolumeNode) -> None:
         """Segment Editor on the new segmentation, CT as source volume, Liver selected, ready to paint."""
+        from LiverSegLib.mrml import liverseg_segments
+
         slicer.util.selectModule("SegmentEditor")
         editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
         editor.setSegmentationNode(segmentation)
         editor.setSourceVolumeNode(volume)
-        liverId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+        liverId = liverseg_segments(segmentation.GetSegmentation()).get("liver")
         if liverId:
             editor.setCurrentSegmentID(liverId)
         editor.setActiveEffectByName("Paint")
@@ -405,7 +431,8 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
 
 
 class LiverSegTest(ScriptedLoadableModuleTest):
-    """Runs real inference on the shipped sample CT (verified by SHA-256 through Sample Data)."""
+    """Segments the shipped sample CT (verified by SHA-256 through Sample Data) for real, through the child
+    process, and checks the result on the CT's grid."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -418,6 +445,8 @@ class LiverSegTest(ScriptedLoadableModuleTest):
         import numpy as np
         import SampleData
 
+        from LiverSegLib.mrml import liverseg_segments
+
         self.delayDisplay("Loading the sample CT")
         registerSampleData()
         volume = SampleData.downloadSample("LiverSegCRLM1004")
@@ -426,9 +455,9 @@ class LiverSegTest(ScriptedLoadableModuleTest):
         logic = LiverSegLogic()
         self.assertTrue(logic.ensureDependencies(askConfirmation=False))
         self.delayDisplay("Segmenting")
-        segmentation = logic.process(volume)
+        segmentation = logic.process(volume, timeoutSeconds=600)
 
-        segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+        segment_id = liverseg_segments(segmentation.GetSegmentation()).get("liver")
         self.assertTrue(segment_id)
         liver_ml = float(segmentation.GetAttribute("LiverSeg.LiverVolumeMl"))
         self.assertTrue(800 < liver_ml < 3500, f"implausible liver volume {liver_ml} mL")

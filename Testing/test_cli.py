@@ -269,3 +269,51 @@ def test_output_folder_not_writable(capsys, tmp_path, data_root):
     """/proc/self cannot take files, whoever runs the tests (root ignores permission bits elsewhere)."""
     code, _, err = run_cli(capsys, "segment", data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", "-o", "/proc/self/label.nii.gz")
     assert code == 2 and "output folder is not writable" in err and len(err.strip().splitlines()) == 1
+
+
+def json_events(out: str) -> list[dict]:
+    """Every stdout line of ``--progress json`` must be one JSON object with an ``event``."""
+    events = [json.loads(line) for line in out.splitlines()]
+    assert all(isinstance(e, dict) and "event" in e for e in events), out
+    return events
+
+
+def test_progress_json_streams_stages_batches_and_the_result(capsys, tmp_path):
+    output = tmp_path / "sample.nii.gz"
+    code, out, err = run_cli(capsys, "segment", SAMPLE, "-o", output, "--device", "cpu", "--batch-size", "8", "--progress", "json")
+    assert code == 0, err
+    events = json_events(out)
+    stages = [e["stage"] for e in events if e["event"] == "stage"]
+    assert stages == ["reading", "loading model", "segmenting", "writing"]
+    progress = [(e["done"], e["total"]) for e in events if e["event"] == "progress"]
+    assert progress == [(d, 41) for d in (8, 16, 24, 32, 40, 41)], progress
+    result = events[-1]
+    assert result["event"] == "result" and [e["event"] for e in events].count("result") == 1
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+    voxel_ml = float(np.prod(sitk.ReadImage(str(SAMPLE)).GetSpacing())) / 1000
+    assert result["report"]["liver_volume_ml"] == pytest.approx(np.count_nonzero(label >= 1) * voxel_ml, abs=0.01)
+    assert result["summary"].startswith(f"liver {result['report']['liver_volume_ml']:.1f} mL;")
+    assert "Traceback" not in err
+
+
+def test_progress_json_reports_an_input_error_as_its_last_event(capsys, tmp_path, data_root):
+    label = data_root / "cases" / "ircad_17" / "label.nii.gz"
+    code, out, err = run_cli(capsys, "segment", label, "-o", tmp_path / "x.nii.gz", "--progress", "json")
+    assert code == 2
+    events = json_events(out)
+    assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 2
+    assert "looks like a label map" in events[-1]["message"] and not events[-1]["message"].startswith("error")
+    assert err.strip().splitlines()[-1].startswith("liverseg: error:") and list(tmp_path.iterdir()) == []
+
+
+def test_progress_json_carries_warnings_as_events(capsys, tmp_path, data_root):
+    """A CT whose intensities do not look like HU (shifted so that none is below 0) warns."""
+    ct = sitk.ReadImage(str(SAMPLE))
+    ct = ct - int(sitk.GetArrayViewFromImage(ct).min())
+    shifted = tmp_path / "shifted.nrrd"
+    sitk.WriteImage(ct, str(shifted))
+    code, out, err = run_cli(capsys, "segment", shifted, "-o", tmp_path / "x.nii.gz", "--device", "cpu", "--progress", "json")
+    assert code == 0, err
+    warnings = [e["message"] for e in json_events(out) if e["event"] == "warning"]
+    assert len(warnings) == 1 and "do not look like CT Hounsfield units" in warnings[0]
+    assert "liverseg: warning:" in err

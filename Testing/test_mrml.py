@@ -1,8 +1,11 @@
-"""The MRML layer against Slicer's real libraries (PyPI ``slicer-core``), on real CT.
+"""The MRML layer against Slicer's real libraries (PyPI ``slicer-core``), on real CT, with the engine in a
+real child process (the path of Slicer's Segment Liver button).
 
 Volume nodes are built from a real CT with LPS, RAS and oblique IJK→RAS matrices; the segmentation
 read back on the volume's grid must equal the engine's label map voxel for voxel, and a ``.seg.nrrd``
-written through the segmentation storage node must read back identically."""
+written through the segmentation storage node must read back identically. Re-runs keep the user's own
+segments, a CT under a transform gets its segmentation under the same transform, and the terminology
+written the pre-5.10 way (a tag) is what Slicer reads back."""
 
 from __future__ import annotations
 
@@ -15,12 +18,14 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from LiverSegLib.errors import LiverSegInputError  # noqa: E402
-from LiverSegLib.mrml import segment_volume_node  # noqa: E402
+from LiverSegLib.job import SegmentationOptions  # noqa: E402
+from LiverSegLib.mrml import liverseg_segments, segment_volume_node, set_terminology_tag  # noqa: E402
 from LiverSegLib.segments import LIVER, LIVER_LESION, SEGMENTS, terminology_entry  # noqa: E402
 
 from conftest import read_case  # noqa: E402
 
 vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_ERROR)
+CPU = SegmentationOptions(device="cpu")
 
 
 def volume_node_from_image(scene, image: sitk.Image, name: str, label: bool = False):
@@ -45,23 +50,27 @@ def volume_node_from_image(scene, image: sitk.Image, name: str, label: bool = Fa
 
 
 def segment_on_volume_grid(scene, segmentation_node, volume_node) -> np.ndarray:
-    """The segmentation exported onto the volume's grid as a 0/1/2 array [k, j, i]."""
+    """The segmentation's "Liver" and "Liver lesion" exported onto the volume's grid as a 0/1/2 array [k, j, i]."""
     label = np.zeros(volume_node.GetImageData().GetDimensions()[::-1], np.uint8)
     for spec in (LIVER, LIVER_LESION):
         segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(spec.name)
-        if not segment_id:
-            continue
-        temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export")
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(segment_id)
-        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-            segmentation_node, ids, temporary, volume_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
-        )
-        data = temporary.GetImageData()
-        mask = numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(data.GetDimensions()[::-1]) > 0
-        label[mask] = spec.label_value
-        scene.RemoveNode(temporary)
+        if segment_id:
+            label[segment_mask(segmentation_node, segment_id, scene, volume_node)] = spec.label_value
     return label
+
+
+def segment_mask(segmentation_node, segment_id: str, scene, volume_node) -> np.ndarray:
+    """One segment as a boolean array on the volume's grid, through Slicer's own export."""
+    temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        segmentation_node, ids, temporary, volume_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+    )
+    data = temporary.GetImageData()
+    mask = numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(data.GetDimensions()[::-1]) > 0
+    scene.RemoveNode(temporary)
+    return mask
 
 
 @pytest.fixture()
@@ -88,7 +97,7 @@ def test_segmentation_node_equals_engine_label_map(scene, data_root, segmenter, 
     expert_image = storage_variants(expert)[storage]
     volume_node = volume_node_from_image(scene, image, f"CT {storage}")
 
-    segmentation_node = segment_volume_node(volume_node, segmenter=segmenter)
+    segmentation_node = segment_volume_node(volume_node, options=CPU)
 
     engine_label = sitk.GetArrayFromImage(segmenter.segment(image).label_image)
     on_grid = segment_on_volume_grid(scene, segmentation_node, volume_node)
@@ -122,30 +131,30 @@ def test_segmentation_node_equals_engine_label_map(scene, data_root, segmenter, 
     assert reread.GetSegmentation().GetSegment("liver").GetName() == "Liver"
 
 
-def test_rerun_replaces_segments_and_lesions_can_be_off(scene, data_root, segmenter):
+def test_rerun_replaces_segments_and_lesions_can_be_off(scene, data_root):
     ct, _ = read_case(data_root, "totalseg_example_sm_MODEL")
     volume_node = volume_node_from_image(scene, ct, "CT")
-    segmentation_node = segment_volume_node(volume_node, segmenter=segmenter)
-    segment_volume_node(volume_node, segmentation_node, segmenter=segmenter, lesions=False)
+    segmentation_node = segment_volume_node(volume_node, options=CPU)
+    segment_volume_node(volume_node, segmentation_node, options=SegmentationOptions(device="cpu", lesions=False))
     names = [segmentation_node.GetSegmentation().GetNthSegment(i).GetName() for i in range(segmentation_node.GetSegmentation().GetNumberOfSegments())]
     assert names == ["Liver"]
 
 
-def test_label_map_and_empty_nodes_are_refused(scene, data_root, segmenter):
+def test_label_map_and_empty_nodes_are_refused(scene, data_root):
     _, label = read_case(data_root, "totalseg_example_sm_MODEL")
     label_node = volume_node_from_image(scene, label, "labels", label=True)
     with pytest.raises(LiverSegInputError, match="label map"):
-        segment_volume_node(label_node, segmenter=segmenter)
+        segment_volume_node(label_node, options=CPU)
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(LiverSegInputError, match="no voxels"):
-        segment_volume_node(empty, segmenter=segmenter)
+        segment_volume_node(empty, options=CPU)
 
 
 def test_our_terminology_strings_equal_slicers_serializer():
     logic = slicer.vtkSlicerTerminologiesModuleLogic
     for spec in SEGMENTS:
         expected = logic.SerializeTerminologyEntry(
-            "Segmentation category and type - 3D Slicer General Anatomy list",
+            "Segmentation category and type - DICOM master list",
             *spec.category, *spec.type, "", "", "",
             "Anatomic codes - DICOM master list", *spec.anatomic_region, "", "", "",
         )
@@ -172,3 +181,121 @@ def test_cli_seg_nrrd_opens_in_slicer_as_named_segments(scene, data_root, segmen
         assert segment.GetTerminology() == terminology_entry(spec)
     volume_node = volume_node_from_image(scene, ct, "CT")
     assert np.array_equal(segment_on_volume_grid(scene, node, volume_node), sitk.GetArrayFromImage(result.label_image))
+    assert liverseg_segments(segmentation) == {"liver": "liver", "liver_lesion": "liver_lesion"}, "LiverSeg's tag did not survive the file"
+
+
+def test_rerun_keeps_the_users_segments_and_replaces_liversegs(scene, data_root, segmenter):
+    ct, _ = read_case(data_root, "totalseg_example_sm_MODEL")
+    volume_node = volume_node_from_image(scene, ct, "CT")
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "work")
+    segmentation = segmentation_node.GetSegmentation()
+    # The user's own segment, given the ID LiverSeg would pick for its liver.
+    user_mask = np.zeros(volume_node.GetImageData().GetDimensions()[::-1], np.uint8)
+    user_mask[5:15, 40:60, 40:60] = 1
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    oriented = slicer.vtkOrientedImageData()
+    oriented.ShallowCopy(segment_image(user_mask))
+    oriented.SetImageToWorldMatrix(matrix)
+    segmentation_node.AddSegmentFromBinaryLabelmapRepresentation(oriented, "Liver", [0.1, 0.9, 0.1], "liver")
+
+    segment_volume_node(volume_node, segmentation_node, options=CPU)
+    ours = liverseg_segments(segmentation)
+    assert set(ours) == {"liver", "liver_lesion"} and "liver" not in ours.values(), ours
+    assert segment_mask(segmentation_node, ours["liver"], scene, volume_node).sum() > 1000
+    # The user renames and recolours LiverSeg's liver, then runs again without lesions.
+    segmentation.GetSegment(ours["liver"]).SetName("Liver (checked)")
+    segmentation.GetSegment(ours["liver"]).SetColor(0.2, 0.3, 0.9)
+    segment_volume_node(volume_node, segmentation_node, options=SegmentationOptions(device="cpu", lesions=False))
+
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    assert len(ids) == len(set(ids)) == 2, ids
+    assert np.array_equal(segment_mask(segmentation_node, "liver", scene, volume_node), user_mask > 0), "the user's segment changed"
+    assert segmentation.GetSegment("liver").GetName() == "Liver"
+    again = liverseg_segments(segmentation)
+    assert set(again) == {"liver"}, again
+    replaced = segmentation.GetSegment(again["liver"])
+    assert replaced.GetName() == "Liver (checked)" and replaced.GetColor() == pytest.approx((0.2, 0.3, 0.9))
+    liver_only = sitk.GetArrayFromImage(segmenter.segment(ct, lesions=False).label_image) == LIVER.label_value
+    assert np.array_equal(segment_mask(segmentation_node, again["liver"], scene, volume_node), liver_only)
+    assert segmentation_node.GetAttribute("LiverSeg.LesionCount") is None
+    assert "lesions off" in segmentation_node.GetAttribute("LiverSeg.Summary")
+
+
+def segment_image(mask_kji: np.ndarray):
+    data = vtk.vtkImageData()
+    data.SetDimensions(mask_kji.shape[2], mask_kji.shape[1], mask_kji.shape[0])
+    data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(mask_kji).ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+    return data
+
+
+def test_ct_under_a_transform_gets_its_segmentation_under_the_same_transform(scene, data_root, segmenter):
+    ct, _ = read_case(data_root, "totalseg_example_sm_MODEL")
+    volume_node = volume_node_from_image(scene, ct, "CT")
+    transform_node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    moved = vtk.vtkTransform()
+    moved.Translate(30.0, -12.5, 80.0)
+    moved.RotateZ(20)
+    transform_node.SetMatrixTransformToParent(moved.GetMatrix())
+    volume_node.SetAndObserveTransformNodeID(transform_node.GetID())
+
+    segmentation_node = segment_volume_node(volume_node, options=CPU)
+
+    assert segmentation_node.GetTransformNodeID() == transform_node.GetID()
+    # Same local grid as the CT (the transform moves both together): voxel for voxel the engine's label map.
+    engine_label = sitk.GetArrayFromImage(segmenter.segment(ct).label_image)
+    assert np.array_equal(segment_on_volume_grid(scene, segmentation_node, volume_node), engine_label)
+    # In world coordinates the liver's centre moved with the CT.
+    bounds_moved, bounds_local = [0.0] * 6, [0.0] * 6
+    liver_id = liverseg_segments(segmentation_node.GetSegmentation())["liver"]
+    segmentation_node.GetSegmentation().GetSegment(liver_id).GetBounds(bounds_local)
+    segmentation_node.GetRASBounds(bounds_moved)
+    centre_local = np.array([(bounds_local[0] + bounds_local[1]) / 2, (bounds_local[2] + bounds_local[3]) / 2, (bounds_local[4] + bounds_local[5]) / 2, 1])
+    expected = np.array([[moved.GetMatrix().GetElement(r, c) for c in range(4)] for r in range(4)]) @ centre_local
+    centre_world = [(bounds_moved[0] + bounds_moved[1]) / 2, (bounds_moved[2] + bounds_moved[3]) / 2, (bounds_moved[4] + bounds_moved[5]) / 2]
+    assert np.allclose(centre_world, expected[:3], atol=15.0), (centre_world, expected)
+
+
+def test_terminology_written_as_a_tag_before_slicer_5_10_is_what_slicer_reads(scene, tmp_path):
+    """Slicer 5.8 has no ``vtkSegment.SetTerminology``: the entry goes into the tag, which current Slicer
+    reads back as the segment's terminology, in the scene and from a saved ``.seg.nrrd``."""
+    mask = np.zeros((4, 6, 8), np.uint8)
+    mask[1:3, 2:4, 2:6] = 1
+    oriented = slicer.vtkOrientedImageData()
+    oriented.ShallowCopy(segment_image(mask))
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "tagged")
+    path = tmp_path / "tagged.seg.nrrd"
+    for spec in SEGMENTS:
+        segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(oriented, spec.name, list(spec.color_rgb), spec.segment_id)
+        set_terminology_tag(node.GetSegmentation().GetSegment(segment_id), terminology_entry(spec))
+        assert node.GetSegmentation().GetSegment(segment_id).GetTerminology() == terminology_entry(spec)
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node)
+    scene2 = slicer.vtkMRMLScene()
+    reread = scene2.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
+    reader = scene2.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(path))
+    assert reader.ReadData(reread)
+    for spec in SEGMENTS:
+        assert reread.GetSegmentation().GetSegment(spec.segment_id).GetTerminology() == terminology_entry(spec)
+
+
+def test_a_cancelled_run_leaves_the_segmentation_untouched(scene, data_root):
+    from LiverSegLib.mrml import finish_segmentation, start_segmentation
+
+    ct, _ = read_case(data_root, "ircad_01")
+    volume_node = volume_node_from_image(scene, ct, "CT")
+    segmentation_node = segment_volume_node(volume_node, options=SegmentationOptions(device="cpu", lesions=False))
+    before = segment_on_volume_grid(scene, segmentation_node, volume_node)
+    attributes = segmentation_node.GetAttribute("LiverSeg.Summary")
+    volume_job = start_segmentation(volume_node, segmentation_node, SegmentationOptions(device="cpu", batch_size=4))
+    while volume_job.job.done_slices == 0:
+        assert not volume_job.job.poll(), volume_job.job.error
+    volume_job.job.cancel()
+    with pytest.raises(Exception, match="cancelled"):
+        finish_segmentation(volume_job)
+    assert not volume_job.job.work_dir.exists()
+    assert np.array_equal(segment_on_volume_grid(scene, segmentation_node, volume_node), before)
+    assert segmentation_node.GetAttribute("LiverSeg.Summary") == attributes
+    assert set(liverseg_segments(segmentation_node.GetSegmentation())) == {"liver"}

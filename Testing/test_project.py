@@ -30,3 +30,17 @@ def test_engine_never_imports_training_or_qt():
     for path in (PROJECT_ROOT / "LiverSeg" / "LiverSegLib").glob("*.py"):
         source = path.read_text(encoding="utf-8")
         assert not re.search(r"^\s*(from|import)\s+(LiverSegTraining|qt|ctk)\b", source, re.M), path.name
+
+
+def test_slicer_requirements_have_the_bounds_of_pyproject():
+    """One set of version bounds: what the Slicer module pip-installs is what pyproject.toml asks for."""
+    import tomllib
+
+    from LiverSegLib.dependencies import PIP_REQUIREMENTS, TORCH_VERSION
+
+    dependencies = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    bounds = {re.split(r"[<>=!~ ]", d, maxsplit=1)[0].lower(): d.replace(" ", "") for d in dependencies}
+    for requirement in PIP_REQUIREMENTS:
+        name = re.split(r"[<>=!~]", requirement, maxsplit=1)[0].lower()
+        assert bounds[name] == requirement, (bounds[name], requirement)
+    assert bounds["torch"].startswith("torch" + TORCH_VERSION)

@@ -2,14 +2,24 @@
 
 Errors the user can fix are one line on stderr with exit code 2; nothing is written unless the run
 succeeds (the output goes to a temporary file that is renamed at the end).
+
+``--progress json`` is for programs that run ``liverseg`` as a child process (the Slicer module's runner,
+``LiverSegLib.job``): stdout then carries only JSON objects, one per line and flushed as they happen:
+``{"event": "stage", "stage": "reading" | "loading model" | "segmenting" | "writing"}``,
+``{"event": "progress", "done": slices_done, "total": slices}`` after every network batch,
+``{"event": "warning", "message": …}``, and last either ``{"event": "result", "summary": …, "report": {…}}``
+(the ``--report`` JSON) or ``{"event": "error", "message": …, "exit_code": …}``. The human-readable lines
+and the engine's log stay on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +29,33 @@ from .options import DEVICES, RUNTIMES
 
 EXIT_INPUT_ERROR = 2
 DICOM_SEG_SUFFIX = ".dcm"
+PROGRESS_MODES = ("bar", "json", "none")
+
+
+class JsonEvents:
+    """``--progress json``: one JSON object per line on stdout, flushed at once so that a parent process
+    sees each batch as it finishes. Thread-safe: the model loads in a second thread that may warn."""
+
+    def __init__(self, stream=None) -> None:
+        self._stream = stream or sys.stdout
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, **fields) -> None:
+        line = json.dumps({"event": event, **fields})
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+    def stage(self, name: str) -> None:
+        self.emit("stage", stage=name)
+
+    def progress(self, done: int, total: int) -> None:
+        self.emit("progress", done=done, total=total)
+
+    def show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        """``warnings.showwarning`` replacement: the warning as an event, and as a line on stderr."""
+        self.emit("warning", message=str(message))
+        print(f"liverseg: warning: {message}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--no-lesions", action="store_true", help="liver only")
     segment.add_argument("--no-postprocess", action="store_true", help="keep every liver component and hole")
     segment.add_argument("--report", action="append", default=[], metavar="PATH", help="volume report: .json and/or .md (repeatable)")
+    segment.add_argument("--progress", default="bar", choices=PROGRESS_MODES, help="bar: a progress bar on a terminal; json: machine-readable events on stdout, one JSON object per line (for a parent process); none")
     series = commands.add_parser("series", help="list the DICOM series in a folder")
     series.add_argument("folder")
     return parser
@@ -60,10 +98,10 @@ def _load_segmenter(card_path: str | Path, device: str, runtime: str):
     return LiverSegmenter(card_path, device=device, runtime=runtime)
 
 
-def _segment(args: argparse.Namespace) -> int:
+def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
     from .io import check_input_path, check_output_path, read_ct, read_dicom_series, select_series
     from .model import BUNDLED_CARD
-    from .outputs import OUTPUT_SUFFIXES, check_report_path, volume_report, write_report, write_segmentation
+    from .outputs import OUTPUT_SUFFIXES, check_report_path, summary_line, volume_report, write_report, write_segmentation
 
     if args.batch_size is not None and args.batch_size < 1:
         raise LiverSegInputError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -72,7 +110,9 @@ def _segment(args: argparse.Namespace) -> int:
     input_path = check_input_path(args.input)
     if output.exists() and output.resolve() == input_path.resolve():
         raise LiverSegInputError(f"output would overwrite the input: {output}")
+    stage = events.stage if events else (lambda name: None)
     series = None
+    stage("reading")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="liverseg-model") as pool:
         # The model loads (torch import, weight check, ONNX session or CUDA start-up) while the CT is read:
         # SimpleITK releases the GIL while it decodes, so the two overlap (benchmarks/README.md).
@@ -84,8 +124,15 @@ def _segment(args: argparse.Namespace) -> int:
             image = read_dicom_series(series)
         else:
             image = read_ct(input_path, args.series)
+        stage("loading model")
         segmenter = loading.result()
-    progress, close = _progress_bar("segmenting")
+    stage("segmenting")
+    if events:
+        progress, close = events.progress, (lambda: None)
+    elif args.progress == "bar":
+        progress, close = _progress_bar("segmenting")
+    else:
+        progress, close = None, (lambda: None)
     try:
         result = segmenter.segment(
             image,
@@ -96,6 +143,7 @@ def _segment(args: argparse.Namespace) -> int:
         )
     finally:
         close()
+    stage("writing")
     if series is not None:
         from .dicom_seg import write_dicom_seg
 
@@ -105,11 +153,14 @@ def _segment(args: argparse.Namespace) -> int:
     report = volume_report(image, result, str(input_path), str(output))
     for path in reports:
         write_report(report, path)
-    print(f"{output}: {result.summary()}")
+    if events:
+        events.emit("result", summary=summary_line(report), report=report)
+        return 0
+    print(f"{output}: {summary_line(report)}")
     if report["lesion_count"]:
         print(f"lesion burden {report['lesion_burden_pct']:.2f} % of the liver; largest lesions (mL): "
               + ", ".join(f"{v:.1f}" for v in report["lesion_volumes_ml"][:5]))
-    if not args.no_lesions and not result.lesions_validated:
+    if report["lesions_segmented"] and not report["lesions_validated"]:
         print("note: lesion output is experimental (cross-validated lesion Dice below 0.5; see the model card)")
     return 0
 
@@ -146,23 +197,33 @@ def _show_engine_messages() -> None:
         engine_log.setLevel(logging.INFO)
 
 
+def _fail(message: str, exit_code: int, events: JsonEvents | None) -> int:
+    print(f"liverseg: {message}", file=sys.stderr)
+    if events:
+        events.emit("error", message=message.removeprefix("error: "), exit_code=exit_code)
+    return exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    events = JsonEvents() if getattr(args, "progress", None) == "json" else None
     warnings.formatwarning = lambda message, category, *rest: f"liverseg: warning: {message}\n"
+    shown_warning = warnings.showwarning
+    if events:
+        warnings.showwarning = events.show_warning
     _show_engine_messages()
     try:
-        return _segment(args) if args.command == "segment" else _series(args)
+        return _segment(args, events) if args.command == "segment" else _series(args)
     except LiverSegInputError as error:
-        print(f"liverseg: error: {error}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
+        return _fail(f"error: {error}", EXIT_INPUT_ERROR, events)
     except KeyboardInterrupt:
-        print("liverseg: interrupted, nothing written", file=sys.stderr)
-        return 130
+        return _fail("interrupted, nothing written", 130, events)
     except Exception as error:  # noqa: BLE001 - the user gets one line; LIVERSEG_DEBUG=1 shows the traceback
         if os.environ.get("LIVERSEG_DEBUG"):
             raise
-        print(f"liverseg: error: unexpected failure ({type(error).__name__}: {error}); rerun with LIVERSEG_DEBUG=1 for details", file=sys.stderr)
-        return 1
+        return _fail(f"error: unexpected failure ({type(error).__name__}: {error}); rerun with LIVERSEG_DEBUG=1 for details", 1, events)
+    finally:
+        warnings.showwarning = shown_warning
 
 
 if __name__ == "__main__":

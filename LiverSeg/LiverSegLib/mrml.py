@@ -1,14 +1,20 @@
 """The Qt-free MRML layer: a ``vtkMRMLScalarVolumeNode`` in, a ``vtkMRMLSegmentationNode`` out.
 
 Only ``slicer.vtk…`` classes, ``vtk`` and numpy are used, so the same code runs inside 3D Slicer (called
-by the module's Logic) and in plain Python with the ``slicer-core`` wheel (the tests). Geometry: MRML
-is RAS, the engine (SimpleITK) is LPS; the volume's IJK→RAS matrix is turned into an LPS direction and
-origin, the engine returns a label map on that same voxel grid, and the segments are written with the
-volume's IJK→RAS, so they are aligned voxel for voxel. ``slicer`` and ``vtk`` are imported when called.
+by the module's Logic) and in plain Python with the ``slicer-core`` wheel (the tests). The engine itself
+runs in a child process (``job.SegmentationJob``): this layer writes the volume for it, and imports its
+label map on the caller's (Slicer's main) thread; torch is never imported here.
+
+Geometry: MRML is RAS, the engine (SimpleITK) is LPS; the volume's IJK→RAS matrix is turned into an LPS
+direction and origin, the engine returns a label map on that same voxel grid, and the segments are
+written with the volume's IJK→RAS (and under its parent transform), so they are aligned voxel for voxel.
+``slicer`` and ``vtk`` are imported when called.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +22,9 @@ import SimpleITK as sitk
 
 from .errors import LiverSegInputError
 from .io import check_ct
-from .segments import LIVER_LESION, SEGMENTS, terminology_entry
+from .job import SegmentationJob, SegmentationOptions
+from .outputs import summary_line
+from .segments import LIVER_LESION, LIVERSEG_SEGMENT_TAG, SEGMENTS, terminology_entry
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -79,41 +87,91 @@ def _oriented_mask(mask_kji: np.ndarray, ijk_to_ras: np.ndarray):
     return image
 
 
+def set_terminology(segment, entry: str) -> None:
+    """The segment's coded terminology on every Slicer in use: ``vtkSegment.SetTerminology`` exists only
+    from Slicer 5.10; before, the same serialized entry goes into the ``TerminologyEntry`` tag (which is
+    also what 5.10 and later read back with ``GetTerminology``)."""
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(entry)
+    else:
+        set_terminology_tag(segment, entry)
+
+
+def set_terminology_tag(segment, entry: str) -> None:
+    """Slicer before 5.10 (and SlicerTotalSegmentator on every release): the entry as the segment's tag."""
+    segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
+
+
+def liverseg_segments(segmentation) -> dict[str, str]:
+    """{our segment key (``liver``, ``liver_lesion``): segment ID} of the segments LiverSeg wrote, found by
+    our tag: the user may have renamed or recoloured them, and may have segments of their own."""
+    import vtk
+
+    found = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        key = vtk.reference("")
+        if segmentation.GetSegment(segment_id).GetTag(LIVERSEG_SEGMENT_TAG, key):
+            found[str(key)] = segment_id
+    return found
+
+
 def write_segments(segmentation_node, volume_node, label_kji: np.ndarray, lesions: bool = True) -> None:
-    """Replace the node's LiverSeg segments with the label map's, on the volume's geometry."""
+    """Replace LiverSeg's own segments with the label map's and leave every other segment alone.
+
+    A replaced segment keeps its place in the list, and the name and colour the user may have given it;
+    its voxels and terminology are new. The segmentation follows the volume's parent transform, so the two
+    stay aligned when the CT has been moved or registered.
+    """
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     segmentation = segmentation_node.GetSegmentation()
     ijk_to_ras = _ijk_to_ras(volume_node)
+    previous = liverseg_segments(segmentation)
     for spec in SEGMENTS:
-        existing = segmentation.GetSegmentIdBySegmentName(spec.name)
-        if existing:
-            segmentation.RemoveSegment(existing)
+        old_id = previous.get(spec.segment_id)
+        name, color, index = spec.name, spec.color_rgb, None
+        if old_id:
+            old = segmentation.GetSegment(old_id)
+            name, color, index = old.GetName(), old.GetColor(), segmentation.GetSegmentIndex(old_id)
+            segmentation.RemoveSegment(old_id)
         if spec is LIVER_LESION and not lesions:
             continue
         segment_id = segmentation_node.AddSegmentFromBinaryLabelmapRepresentation(
-            _oriented_mask(label_kji == spec.label_value, ijk_to_ras), spec.name, list(spec.color_rgb), spec.segment_id
+            _oriented_mask(label_kji == spec.label_value, ijk_to_ras), name, list(color),
+            segmentation.GenerateUniqueSegmentID(spec.segment_id),
         )
         segment = segmentation.GetSegment(segment_id)
-        segment.SetTerminology(terminology_entry(spec))
+        segment.SetTag(LIVERSEG_SEGMENT_TAG, spec.segment_id)
+        set_terminology(segment, terminology_entry(spec))
         segment.SetNameAutoGenerated(False)
         segment.SetColorAutoGenerated(False)
+        if index is not None:
+            segmentation.SetSegmentIndex(segment_id, index)
     segmentation.CollapseBinaryLabelmaps()
 
 
-def store_result(segmentation_node, volume_node, result, lesions: bool = True) -> None:
-    """Write a ``SegmentationResult`` into the node (main thread in Slicer) with its figures as attributes."""
-    write_segments(segmentation_node, volume_node, sitk.GetArrayViewFromImage(result.label_image), lesions=lesions)
-    for key, value in (
-        ("LiverSeg.LiverVolumeMl", f"{result.liver_ml:.1f}"),
-        ("LiverSeg.LesionCount", str(result.lesion_count)),
-        ("LiverSeg.LesionVolumeMl", f"{result.lesion_ml:.1f}"),
-        ("LiverSeg.Device", result.device),
-        ("LiverSeg.Runtime", result.runtime),
-        ("LiverSeg.Seconds", f"{result.seconds:.2f}"),
-        ("LiverSeg.Model", f"{result.model_name} {result.model_version}"),
-        ("LiverSeg.LesionsValidated", str(result.lesions_validated)),
-    ):
-        segmentation_node.SetAttribute(key, value)
+def store_result(segmentation_node, volume_node, label_kji: np.ndarray, report: dict) -> None:
+    """Write a run's label map into the node (main thread in Slicer), with its figures as attributes.
+
+    ``report`` is the engine's volume report (``outputs.volume_report``, the ``result`` event of the child)."""
+    write_segments(segmentation_node, volume_node, label_kji, lesions=report["lesions_segmented"])
+    attributes = {
+        "LiverSeg.LiverVolumeMl": f"{report['liver_volume_ml']:.1f}",
+        "LiverSeg.LesionCount": str(report["lesion_count"]) if report["lesions_segmented"] else None,
+        "LiverSeg.LesionVolumeMl": f"{report['lesion_total_ml']:.1f}" if report["lesions_segmented"] else None,
+        "LiverSeg.LesionsValidated": str(report["lesions_validated"]),
+        "LiverSeg.Device": report["device"],
+        "LiverSeg.Runtime": report["runtime"],
+        "LiverSeg.Seconds": f"{report['seconds']:.2f}",
+        "LiverSeg.Model": f"{report['model']['name']} {report['model']['version']}",
+        "LiverSeg.Summary": summary_line(report),
+    }
+    for key, value in attributes.items():
+        if value is None:
+            segmentation_node.RemoveAttribute(key)
+        else:
+            segmentation_node.SetAttribute(key, value)
 
 
 def new_segmentation_node(volume_node):
@@ -122,22 +180,60 @@ def new_segmentation_node(volume_node):
     return node
 
 
-def segment_volume_node(volume_node, segmentation_node=None, segmenter: Any = None, **options):
-    """Segment a CT volume node; returns the segmentation node ("Liver", "Liver lesion").
+@dataclass
+class VolumeJob:
+    """A child-process run bound to the nodes it was started for, so that the result goes where the user
+    asked even if the module's selection changed meanwhile. ``segmentation_node`` None: a new node at the end."""
 
-    ``options`` go to ``LiverSegmenter.segment`` (lesions, postprocess, batch_size, progress) and to
-    ``LiverSegmenter`` (``model``: card path, ``device``). A new segmentation node is added to the
-    volume's scene when none is given. The figures of the run are stored on the node as attributes.
-    """
-    from .model import BUNDLED_CARD
-    from .pipeline import LiverSegmenter
+    job: SegmentationJob
+    volume_node: Any
+    segmentation_node: Any = None
 
-    image = check_ct(image_from_volume_node(volume_node), f"volume '{volume_node.GetName()}'")
-    model, device = options.pop("model", None), options.pop("device", "auto")
-    if segmenter is None:
-        segmenter = LiverSegmenter(model or BUNDLED_CARD, device=device)
-    result = segmenter.segment(image, **options)
-    if segmentation_node is None:
-        segmentation_node = new_segmentation_node(volume_node)
-    store_result(segmentation_node, volume_node, result, lesions=options.get("lesions", True))
-    return segmentation_node
+
+def start_segmentation(
+    volume_node,
+    segmentation_node=None,
+    options: SegmentationOptions = SegmentationOptions(),
+    python_executable: str | None = None,
+    timeout_s: float | None = None,
+) -> VolumeJob:
+    """Check the volume and start the engine on it in a child process; returns at once.
+
+    The volume's voxels and IJK→RAS go to the child as a temporary NRRD (LPS, as every file is). A volume
+    that cannot be a CT is refused here, before the child's start-up; the child checks the rest."""
+    image = image_from_volume_node(volume_node)
+    with warnings.catch_warnings():  # the child warns again, and its warnings reach the caller through the job
+        warnings.simplefilter("ignore")
+        check_ct(image, f"volume '{volume_node.GetName()}'")
+    job = SegmentationJob.for_image(image, options, python_executable=python_executable, timeout_s=timeout_s)
+    return VolumeJob(job, volume_node, segmentation_node)
+
+
+def finish_segmentation(volume_job: VolumeJob):
+    """Main thread, once the job has ended: import its label map into the segmentation node (a new one when
+    none was given) and remove the job's files. Raises the job's error if it failed or was cancelled."""
+    job, volume_node = volume_job.job, volume_job.volume_node
+    try:
+        label_image = job.label_image()
+        if volume_node.GetScene() is None:
+            raise LiverSegInputError(f"volume '{volume_node.GetName()}' was removed from the scene during the run")
+        label_kji = sitk.GetArrayViewFromImage(label_image)
+        if label_kji.shape != tuple(volume_node.GetImageData().GetDimensions()[::-1]):
+            raise LiverSegInputError(f"volume '{volume_node.GetName()}' changed size during the run; run again")
+        segmentation_node = volume_job.segmentation_node
+        if segmentation_node is None or segmentation_node.GetScene() is None:
+            segmentation_node = volume_job.segmentation_node = new_segmentation_node(volume_node)
+        store_result(segmentation_node, volume_node, label_kji, job.report)
+        return segmentation_node
+    finally:
+        job.close()
+
+
+def segment_volume_node(volume_node, segmentation_node=None, options: SegmentationOptions = SegmentationOptions(), **job_arguments):
+    """Segment a CT volume node and wait; returns the segmentation node ("Liver", "Liver lesion").
+
+    The same path as Slicer's button: start the child, wait for it, import its result
+    (``job_arguments``: ``python_executable``, ``timeout_s``)."""
+    volume_job = start_segmentation(volume_node, segmentation_node, options, **job_arguments)
+    volume_job.job.wait()
+    return finish_segmentation(volume_job)

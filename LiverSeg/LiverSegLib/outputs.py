@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import LiverSegInputError
 from .io import LABEL_SUFFIXES, atomic_output, write_image_atomic
-from .pipeline import SegmentationResult
 from .postprocessing import LESION, LIVER
-from .segments import SEGMENTS, terminology_entry
+from .segments import LIVERSEG_SEGMENT_TAG, SEGMENTS, terminology_entry
+
+if TYPE_CHECKING:  # the pipeline imports torch; reports and summaries are read where torch is not (Slicer's main process)
+    from .pipeline import SegmentationResult
 
 SEG_NRRD_SUFFIX = ".seg.nrrd"
 OUTPUT_SUFFIXES = (SEG_NRRD_SUFFIX,) + LABEL_SUFFIXES
@@ -41,7 +44,7 @@ def seg_nrrd_image(label_image: sitk.Image, lesions: bool = True) -> sitk.Image:
             ("LabelValue", str(spec.label_value)),
             ("Layer", "0"),
             ("Extent", extent),
-            ("Tags", f"TerminologyEntry:{terminology_entry(spec)}|"),
+            ("Tags", f"{LIVERSEG_SEGMENT_TAG}:{spec.segment_id}|TerminologyEntry:{terminology_entry(spec)}|"),
         ):
             image.SetMetaData(prefix + key, value)
     image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
@@ -86,6 +89,17 @@ def volume_report(image: sitk.Image, result: SegmentationResult, input_path: str
         "seconds": round(result.seconds, 3),
         "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
     }
+
+
+def summary_line(report: dict) -> str:
+    """The one-line summary of a run that the CLI prints and the Slicer panel shows, from its report."""
+    if report["lesions_segmented"]:
+        lesions = f"{report['lesion_count']} lesion(s), {report['lesion_total_ml']:.1f} mL"
+        lesions += "" if report["lesions_validated"] else " [experimental]"
+    else:
+        lesions = "lesions off"
+    runtime = "" if report["runtime"] == "torch" else f" ({report['runtime']})"
+    return f"liver {report['liver_volume_ml']:.1f} mL; {lesions}; {report['seconds']:.1f} s on {report['device']}{runtime}"
 
 
 def report_markdown(report: dict) -> str:

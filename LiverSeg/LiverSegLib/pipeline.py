@@ -36,15 +36,6 @@ class SegmentationResult:
     runtime: str = "torch"  # what ran the network: torch or onnxruntime
     probabilities: torch.Tensor | None = None  # (Z, channels, n, n) canonical model grid, when kept
 
-    def summary(self) -> str:
-        lesions = (
-            f"{self.lesion_count} lesion(s), {self.lesion_ml:.1f} mL" + ("" if self.lesions_validated else " [experimental]")
-            if self.lesion_count >= 0
-            else "lesions off"
-        )
-        runtime = "" if self.runtime == "torch" else f" ({self.runtime})"
-        return f"liver {self.liver_ml:.1f} mL; {lesions}; {self.seconds:.1f} s on {self.device}{runtime}"
-
 
 def voxel_volume_ml(image: sitk.Image) -> float:
     return float(np.prod(image.GetSpacing())) / 1000.0

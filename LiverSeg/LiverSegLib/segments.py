@@ -9,8 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 Code = tuple[str, str, str]  # (code value, coding scheme designator, code meaning)
-SLICER_CATEGORY_TYPE_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+# Slicer's DICOM master list holds both codes (SegmentationCategoryTypeModifier-DICOM-Master.json: Liver 10200004
+# under Anatomical Structure, Neoplasm 108369006 under Morphologically Altered Structure); its default "3D Slicer
+# General Anatomy list" holds neither, so naming it would leave the segments with codes Slicer cannot look up.
+# SlicerTotalSegmentator codes its liver and liver tumour the same way.
+SLICER_CATEGORY_TYPE_CONTEXT = "Segmentation category and type - DICOM master list"
 SLICER_REGION_CONTEXT = "Anatomic codes - DICOM master list"
+# A segment tag (in Slicer and in .seg.nrrd files) that marks LiverSeg's own segments, its value the segment's
+# key (``SegmentSpec.segment_id``): a re-run replaces them, whatever the user renamed them to, and nothing else.
+LIVERSEG_SEGMENT_TAG = "LiverSeg.Segment"
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,7 @@ class SegmentSpec:
     anatomic_region: Code = ("", "", "")
 
 
-# Slicer's liver colour (General Anatomy colour table: 221, 130, 101); SNOMED CT codes as in Slicer's terminology.
+# Slicer's liver colour (221, 130, 101, as in its terminology lists); SNOMED CT codes as in Slicer's DICOM master list.
 LIVER = SegmentSpec(
     "liver", "Liver", 1, (221 / 255, 130 / 255, 101 / 255),
     ("123037004", "SCT", "Anatomical Structure"), ("10200004", "SCT", "Liver"),

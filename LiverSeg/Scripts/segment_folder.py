@@ -2,9 +2,10 @@
 
     Slicer --no-main-window --python-script LiverSeg/Scripts/segment_folder.py -- IN_DIR OUT_DIR [--device cpu]
 
-Every CT file in IN_DIR (.nii.gz, .nii, .nrrd, .mha) and every sub-folder holding a DICOM series is
-loaded, segmented by ``LiverSegLogic.process`` and saved as ``OUT_DIR/NAME.seg.nrrd``; one line per case
-is printed, failures are reported and skipped, and Slicer exits with 0 only when every case succeeded.
+Every CT file in IN_DIR (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd) and every sub-folder holding a DICOM series is
+loaded, segmented by ``LiverSegLogic.process`` (the engine in a child process, as the module's button runs
+it) and saved as ``OUT_DIR/NAME.seg.nrrd``; one line per case is printed, failures are reported and skipped,
+and Slicer exits with 0 only when every case succeeded.
 """
 
 import argparse
@@ -13,7 +14,8 @@ import sys
 
 import slicer
 
-CT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+from LiverSegLib.io import IMAGE_SUFFIXES as CT_SUFFIXES
+from LiverSegLib.options import DEVICES
 
 
 def cases(input_dir):
@@ -46,7 +48,7 @@ def main(argv):
     parser = argparse.ArgumentParser(prog="segment_folder.py")
     parser.add_argument("input_dir")
     parser.add_argument("output_dir")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--no-lesions", action="store_true")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.input_dir):
@@ -57,8 +59,10 @@ def main(argv):
     import LiverSeg
 
     logic = LiverSeg.LiverSegLogic()
-    if not logic.ensureDependencies(askConfirmation=False):
-        print("error: torch / segmentation-models-pytorch could not be installed")
+    try:
+        logic.ensureDependencies(askConfirmation=False)
+    except Exception as error:  # a failed install: one line, not a traceback
+        print(f"error: the Python packages LiverSeg needs could not be installed: {error}")
         return 2
     failures = 0
     for name, path in cases(args.input_dir):
@@ -69,7 +73,7 @@ def main(argv):
             output = os.path.join(args.output_dir, f"{name}.seg.nrrd")
             if not slicer.util.saveNode(segmentation, output):
                 raise OSError(f"could not write {output}")
-            print(f"{name}: {logic.describe(segmentation)} -> {output}")
+            print(f"{name}: {segmentation.GetAttribute('LiverSeg.Summary')} -> {output}")
         except Exception as error:  # one line per failed case, then go on
             failures += 1
             print(f"{name}: error: {error}")
