@@ -274,17 +274,19 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             finished = run.job.poll()
             self.ui.progressBar.value = int(100 * run.job.fraction_done)
             self.ui.statusLabel.text = _(STAGE_TEXT.get(run.job.stage, run.job.stage))
-            if not finished:
-                return
-            self._timer.stop()
-            self._run = None
-            segmentation = self.logic.finish(run)
+            if finished:
+                self._timer.stop()
+                self._run = None
+                self._showResult(self.logic.finish(run), run)
         except Exception as error:  # the child's own one-line error, a crash, or a failed import
             self._stopRun()
             self._showFailure(_("LiverSeg failed"), error)
-            return
-        if not self._parameterNode.outputSegmentation and run.volume_node is self._parameterNode.inputVolume:
-            self._parameterNode.outputSegmentation = segmentation
+
+    def _showResult(self, segmentation: vtkMRMLSegmentationNode, run) -> None:
+        segmentation.CreateClosedSurfaceRepresentation()  # shown in 3D at once (batch runs skip this cost)
+        parameters = self._parameterNode
+        if parameters and not parameters.outputSegmentation and run.volume_node is parameters.inputVolume:
+            parameters.outputSegmentation = segmentation
         self._lastResult = (segmentation, run.volume_node)
         self.ui.progressBar.value = 100
         status = segmentation.GetAttribute("LiverSeg.Summary")
@@ -381,7 +383,6 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
 
         segmentation = finish_segmentation(run)
         segmentation.CreateDefaultDisplayNodes()
-        segmentation.CreateClosedSurfaceRepresentation()
         for warning in run.job.warnings:
             logging.warning("LiverSeg: %s", warning)
         logging.info("LiverSeg: %s (stages: %s)", segmentation.GetAttribute("LiverSeg.Summary"), run.job.report.get("timings_s"))
@@ -391,16 +392,12 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         self,
         inputVolume: vtkMRMLScalarVolumeNode,
         outputSegmentation: Optional[vtkMRMLSegmentationNode] = None,
-        device: str = "auto",
-        lesions: bool = True,
-        postprocess: bool = True,
-        modelPath: str = "",
-        timeoutSeconds: Optional[float] = None,
+        **options,
     ) -> vtkMRMLSegmentationNode:
-        """Synchronous run for scripts, the batch script and the self-test: start, wait, finish: the same
-        child process and import as the button."""
+        """Synchronous run for scripts, the batch script and the self-test (``options`` as for ``start``):
+        start, wait, finish: the same child process and import as the button."""
         started = time.perf_counter()
-        run = self.start(inputVolume, outputSegmentation, device, lesions, postprocess, modelPath, timeoutSeconds)
+        run = self.start(inputVolume, outputSegmentation, **options)
         try:
             run.job.wait()
         finally:

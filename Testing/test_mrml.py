@@ -73,6 +73,19 @@ def segment_mask(segmentation_node, segment_id: str, scene, volume_node) -> np.n
     return mask
 
 
+def save_and_reload(scene, segmentation_node, path):
+    """Write a ``.seg.nrrd`` with Slicer's storage node and read it into a new scene: (new scene, node)."""
+    storage_node = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage_node.SetFileName(str(path))
+    assert storage_node.WriteData(segmentation_node)
+    scene2 = slicer.vtkMRMLScene()
+    reread = scene2.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
+    reader = scene2.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(path))
+    assert reader.ReadData(reread)
+    return scene2, reread
+
+
 @pytest.fixture()
 def scene():
     scene = slicer.vtkMRMLScene()
@@ -117,15 +130,7 @@ def test_segmentation_node_equals_engine_label_map(scene, data_root, segmenter, 
     assert dice >= 0.9
 
     # .seg.nrrd through Slicer's storage node, read back into a new scene.
-    path = tmp_path / f"liver_{storage}.seg.nrrd"
-    storage_node = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage_node.SetFileName(str(path))
-    assert storage_node.WriteData(segmentation_node)
-    scene2 = slicer.vtkMRMLScene()
-    reread = scene2.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
-    reader = scene2.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    reader.SetFileName(str(path))
-    assert reader.ReadData(reread)
+    scene2, reread = save_and_reload(scene, segmentation_node, tmp_path / f"liver_{storage}.seg.nrrd")
     volume_in_scene2 = volume_node_from_image(scene2, image, "CT again")
     assert np.array_equal(segment_on_volume_grid(scene2, reread, volume_in_scene2), engine_label)
     assert reread.GetSegmentation().GetSegment("liver").GetName() == "Liver"
@@ -264,19 +269,11 @@ def test_terminology_written_as_a_tag_before_slicer_5_10_is_what_slicer_reads(sc
     oriented = slicer.vtkOrientedImageData()
     oriented.ShallowCopy(segment_image(mask))
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "tagged")
-    path = tmp_path / "tagged.seg.nrrd"
     for spec in SEGMENTS:
         segment_id = node.AddSegmentFromBinaryLabelmapRepresentation(oriented, spec.name, list(spec.color_rgb), spec.segment_id)
         set_terminology_tag(node.GetSegmentation().GetSegment(segment_id), terminology_entry(spec))
         assert node.GetSegmentation().GetSegment(segment_id).GetTerminology() == terminology_entry(spec)
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.WriteData(node)
-    scene2 = slicer.vtkMRMLScene()
-    reread = scene2.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
-    reader = scene2.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    reader.SetFileName(str(path))
-    assert reader.ReadData(reread)
+    _, reread = save_and_reload(scene, node, tmp_path / "tagged.seg.nrrd")
     for spec in SEGMENTS:
         assert reread.GetSegmentation().GetSegment(spec.segment_id).GetTerminology() == terminology_entry(spec)
 
