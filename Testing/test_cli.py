@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -229,13 +230,121 @@ def test_output_parent_is_a_file(capsys, tmp_path, data_root):
     assert code == 2 and "output folder does not exist" in err
 
 
-def test_mr_like_intensities_warn_and_go_on(capsys, tmp_path, data_root):
-    ct = sitk.ReadImage(str(data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"))
+def test_mr_like_volume_gets_qc_warnings_in_the_cli_and_the_report(capsys, tmp_path):
+    """The sample CT mapped to 0..800 (as an MR or a raw export could be): the run goes on, and the CLI, the
+    JSON and Markdown reports all say that the input is not CT-like and the liver volume is implausible."""
+    ct = sitk.ReadImage(str(SAMPLE))
     mr_like = tmp_path / "mr.nii.gz"
-    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(ct, 0, 1000), sitk.sitkInt16), str(mr_like))
-    with pytest.warns(UserWarning, match="do not look like CT"):
-        code, _, err = run_cli(capsys, "segment", mr_like, "-o", tmp_path / "mr_label.nii.gz")
+    sitk.WriteImage(sitk.Cast(sitk.Clamp(ct, lowerBound=-200, upperBound=600) + 200, sitk.sitkInt16), str(mr_like))
+    code, _, err = run_cli(capsys, "segment", mr_like, "-o", tmp_path / "mr_label.nii.gz", "--report", tmp_path / "r.json",
+                           "--report", tmp_path / "r.md")
     assert code == 0 and (tmp_path / "mr_label.nii.gz").exists()
+    printed = [line.removeprefix("liverseg: warning: ") for line in err.splitlines() if line.startswith("liverseg: warning:")]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert printed == report["qc_warnings"]
+    assert any("0..800 do not look like CT Hounsfield units" in w for w in printed), printed
+    if not 500 <= report["liver_volume_ml"] <= 3500:
+        assert any(f"liver volume {report['liver_volume_ml']:.0f} mL is outside" in w for w in printed), printed
+    markdown = (tmp_path / "r.md").read_text()
+    assert all(f"- {w}" in markdown for w in printed)
+
+
+def test_a_clean_ct_has_no_qc_warning_and_a_cut_liver_has_one(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "segment", SAMPLE, "-o", tmp_path / "whole.nii.gz", "--report", tmp_path / "whole.json")
+    assert code == 0 and "warning" not in err
+    assert json.loads((tmp_path / "whole.json").read_text())["qc_warnings"] == []
+    ct = sitk.ReadImage(str(SAMPLE))
+    cut = tmp_path / "cut.nii.gz"
+    sitk.WriteImage(ct[:, :, 18:], str(cut))  # the scan now starts inside the liver
+    code, _, err = run_cli(capsys, "segment", cut, "-o", tmp_path / "cut_label.nii.gz", "--report", tmp_path / "cut.json")
+    assert code == 0
+    warnings = json.loads((tmp_path / "cut.json").read_text())["qc_warnings"]
+    assert warnings == ["the liver reaches the first or last slice: part of it may lie outside the scan, so its volume is understated"]
+    assert f"liverseg: warning: {warnings[0]}" in err
+
+
+def test_nan_voxels_are_read_as_air_with_a_warning_and_never_become_lesions(capsys, tmp_path):
+    """A NaN block inside the abdomen (as a float volume with a masked region has)."""
+    ct = sitk.Cast(sitk.ReadImage(str(SAMPLE)), sitk.sitkFloat32)
+    voxels = sitk.GetArrayFromImage(ct)
+    block = (slice(14, 24), slice(200, 300), slice(150, 250))
+    voxels[block] = np.nan
+    voxels[0, 0, :10] = np.inf
+    nan_ct = sitk.GetImageFromArray(voxels)
+    nan_ct.CopyInformation(ct)
+    path = tmp_path / "nan.nrrd"
+    sitk.WriteImage(nan_ct, str(path))
+    code, out, err = run_cli(capsys, "segment", path, "-o", tmp_path / "label.nii.gz", "--report", tmp_path / "r.json")
+    assert code == 0, err
+    assert "100010 voxels" in err and "NaN or infinite; they are read as air (-1024 HU)" in err
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "label.nii.gz")))
+    assert not (label[block] == 2).any(), "lesions made of NaN voxels"
+
+
+def nifti_with_pixdim(tmp_path, axis: int, value: float):
+    """The small real CT as an uncompressed NIfTI whose pixdim[axis] is overwritten (qform and sform kept)."""
+    import gzip
+    import struct
+
+    data = bytearray(gzip.open(PROJECT_ROOT.parent / "shared" / "data" / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz").read())
+    data[76 + 4 * axis : 80 + 4 * axis] = struct.pack("<f", value)
+    path = tmp_path / f"pixdim{axis}_{value:g}.nii"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan")])
+def test_nifti_with_unknown_slice_spacing_is_refused(capsys, tmp_path, data_root, value):
+    path = nifti_with_pixdim(tmp_path, 3, value)
+    assert_refused(capsys, tmp_path, [path], f"the NIfTI header gives voxel size {value:g} along axis 3 (pixdim[3])")
+
+
+def test_nifti_with_negative_spacing_warns_and_uses_its_size(capsys, tmp_path, data_root):
+    path = nifti_with_pixdim(tmp_path, 3, -3.0)
+    code, out, err = run_cli(capsys, "segment", path, "-o", tmp_path / "label.nrrd")
+    assert code == 0
+    assert "negative voxel size -3 along axis 3 (pixdim[3]); using 3 mm" in err
+    assert sitk.ReadImage(str(tmp_path / "label.nrrd")).GetSpacing()[2] == pytest.approx(3.0)
+
+
+def test_output_that_is_an_existing_folder_is_refused(capsys, tmp_path, data_root):
+    folder = tmp_path / "out" / "label.nii.gz"
+    folder.mkdir(parents=True)
+    for output in (folder, str(folder) + "/"):
+        code, out, err = run_cli(capsys, "segment", data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", "-o", output)
+        assert code == 2 and err.strip() == f"liverseg: error: output is an existing folder, not a file name: {folder}"
+    assert list(folder.iterdir()) == []
+
+
+def test_empty_file_is_named_as_such(capsys, tmp_path):
+    empty = tmp_path / "in" / "ct.nii.gz"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    assert_refused(capsys, tmp_path, [empty], f"empty file (0 bytes): {empty}")
+
+
+def test_a_corrupt_dicom_slice_is_named_and_no_internals_leak(capsys, tmp_path, data_root):
+    series = tmp_path / "series"
+    shutil.copytree(data_root / "dicom" / "crlm_1004_ct", series)
+    broken = series / "1-10.dcm"
+    broken.write_bytes(broken.read_bytes()[:-200_000])
+    code, out, err = run_cli(capsys, "segment", series, "-o", tmp_path / "label.nii.gz")
+    assert code == 2
+    assert f"{broken}" in err and "slice 32 of 41" in err
+    assert not re.search(r"0x[0-9a-f]{6,}|\.cxx|\.hxx|ITK ERROR|GDCMImageIO", err), err
+
+
+def test_series_without_number_or_uid_can_be_chosen(capsys, tmp_path, data_root):
+    study = tmp_path / "study"
+    shutil.copytree(data_root / "dicom" / "totalseg_example" / "CT", study / "no_uid")
+    shutil.copytree(data_root / "dicom" / "crlm_1004_ct", study / "crlm")
+    code, listing, err = run_cli(capsys, "series", study)
+    assert code == 0 and "#?" not in listing
+    handles = [line.split()[0] for line in listing.splitlines()[1:]]
+    assert len(handles) == 2 and "@1" in handles, listing
+    code, out, err = run_cli(capsys, "segment", study, "--series", "@1", "-o", tmp_path / "label.nii.gz")
+    assert code == 0, err
+    assert sitk.ReadImage(str(tmp_path / "label.nii.gz")).GetSize()[2] == 20
 
 
 def test_truncated_uncompressed_nifti(capsys, tmp_path, data_root):
@@ -315,5 +424,5 @@ def test_progress_json_carries_warnings_as_events(capsys, tmp_path, data_root):
     code, out, err = run_cli(capsys, "segment", shifted, "-o", tmp_path / "x.nii.gz", "--device", "cpu", "--progress", "json")
     assert code == 0, err
     warnings = [e["message"] for e in json_events(out) if e["event"] == "warning"]
-    assert len(warnings) == 1 and "do not look like CT Hounsfield units" in warnings[0]
-    assert "liverseg: warning:" in err
+    assert any("do not look like CT Hounsfield units" in w for w in warnings), warnings
+    assert [line.removeprefix("liverseg: warning: ") for line in err.splitlines() if "warning" in line] == warnings

@@ -50,10 +50,13 @@ def test_seg_reads_back_by_referenced_instance_with_highdicom(written_seg):
     assert np.array_equal(pixels, label)
 
 
-def test_seg_passes_dciodvfy(written_seg):
-    path = written_seg[0]
+def dciodvfy_errors(path) -> list[str]:
     done = subprocess.run([shutil.which("dciodvfy"), "-new", str(path)], capture_output=True, text=True)
-    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_seg_passes_dciodvfy(written_seg):
+    errors = dciodvfy_errors(written_seg[0])
     assert errors == [], errors
 
 
@@ -94,10 +97,46 @@ def test_malformed_export_without_uids(capsys, tmp_path, data_root):
     """The TotalSegmentator example's empty UIDs: read as a volume, refused (clearly) as a SEG source."""
     folder = data_root / "dicom" / "totalseg_example" / "CT"
     code, out, err = run_cli(capsys, "segment", folder, "-o", tmp_path / "ok.nii.gz")
-    assert (code == 0 and (tmp_path / "ok.nii.gz").exists()) or (code == 2 and len(err.strip().splitlines()) == 1), err
+    assert code == 0 and (tmp_path / "ok.nii.gz").exists(), err
     code, _, err = run_cli(capsys, "segment", folder, "-o", tmp_path / "bad.dcm")
-    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("liverseg: error:") and "empty StudyInstanceUID" in lines[0], err
     assert not (tmp_path / "bad.dcm").exists()
+
+
+def test_seg_from_series_with_empty_specific_character_set(capsys, tmp_path, data_root):
+    """dcmqi's CT slices carry an empty (0008,0005), which highdicom rejects when it copies it: the SEG
+    is written with ISO_IR 100, is valid, references every source instance, and the source is untouched."""
+    import hashlib
+
+    import pydicom
+
+    folder = data_root / "dicom" / "dcmqi_ct3slice" / "CT"
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    assert len(files) == 3, f"dcmqi_ct3slice CT slices missing from {folder}"
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert all(s.data_element("SpecificCharacterSet").value == "" for s in sources)  # the case under test
+    digests = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    output = tmp_path / "seg.dcm"
+    code, _, err = run_cli(capsys, "segment", folder, "-o", output)
+    assert code == 0 and output.exists(), err
+    assert dciodvfy_errors(output) == []
+    seg = pydicom.dcmread(output)
+    assert seg.Modality == "SEG" and seg.SpecificCharacterSet == "ISO_IR 100"
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    uids = {s.SOPInstanceUID for s in sources}
+    (series,) = seg.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert {item.ReferencedSOPInstanceUID for item in series.ReferencedInstanceSequence} == uids
+    frame_sources = [
+        reference.ReferencedSOPInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence
+        for derivation in frame.DerivationImageSequence
+        for reference in derivation.SourceImageSequence
+    ]
+    assert len(frame_sources) == int(seg.NumberOfFrames) and set(frame_sources) <= uids
+    assert "Liver" in {str(item.SegmentLabel) for item in seg.SegmentSequence}
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] == digests
 
 
 def test_study_folder_through_the_cli(capsys, tmp_path, data_root):

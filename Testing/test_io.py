@@ -80,11 +80,21 @@ def test_label_map_as_input_is_refused(data_root):
         read_ct(data_root / "cases" / "ircad_17" / "label.nii.gz")
 
 
-def test_intensities_outside_ct_range_warn(data_root):
-    ct = sitk.ReadImage(str(data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"))
-    mr_like = sitk.Cast(sitk.RescaleIntensity(ct, 0, 1000), sitk.sitkFloat32)
-    with pytest.warns(UserWarning, match="do not look like CT"):
-        check_ct(mr_like, "mr-like")
+def test_nan_and_infinite_voxels_are_read_as_air(data_root):
+    ct = sitk.Cast(sitk.ReadImage(str(data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz")), sitk.sitkFloat32)
+    voxels = sitk.GetArrayFromImage(ct)
+    voxels[3, 4, 5], voxels[6, 7, 8], voxels[9, 10, 11] = np.nan, np.inf, -np.inf
+    damaged = sitk.GetImageFromArray(voxels)
+    damaged.CopyInformation(ct)
+    with pytest.warns(UserWarning, match=r"3 voxels \(0.00081 %\) are NaN or infinite; they are read as air \(-1024 HU\)"):
+        checked = sitk.GetArrayFromImage(check_ct(damaged, "damaged"))
+    assert checked[3, 4, 5] == checked[6, 7, 8] == checked[9, 10, 11] == -1024
+    untouched = np.isfinite(voxels)
+    assert np.array_equal(checked[untouched], voxels[untouched])
+    voxels[:] = np.nan
+    all_nan = sitk.GetImageFromArray(voxels)
+    with pytest.raises(LiverSegInputError, match="holds no finite value"):
+        check_ct(all_nan, "all-nan")
 
 
 def test_study_folder_with_reformat_and_subfolders(data_root, tmp_path):

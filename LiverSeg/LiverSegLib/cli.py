@@ -52,11 +52,6 @@ class JsonEvents:
     def progress(self, done: int, total: int) -> None:
         self.emit("progress", done=done, total=total)
 
-    def show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
-        """``warnings.showwarning`` replacement: the warning as an event, and as a line on stderr."""
-        self.emit("warning", message=str(message))
-        print(f"liverseg: warning: {message}", file=sys.stderr)
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liverseg", description="Liver and liver-lesion segmentation of CT.")
@@ -68,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", help="model card JSON (default: the bundled model)")
     segment.add_argument("--runtime", default="auto", choices=RUNTIMES, help="what runs the network; auto: ONNX Runtime on the CPU when installed (faster), else torch")
     segment.add_argument("--batch-size", type=int, help="slices per network batch (default: sized to the device)")
-    segment.add_argument("--series", help="DICOM SeriesInstanceUID or series number, when a folder holds several")
+    segment.add_argument("--series", help="which series, when a folder holds several: what `liverseg series` lists under --series (series number, SeriesInstanceUID, or @position)")
     segment.add_argument("--no-lesions", action="store_true", help="liver only")
     segment.add_argument("--no-postprocess", action="store_true", help="keep every liver component and hole")
     segment.add_argument("--report", action="append", default=[], metavar="PATH", help="volume report: .json and/or .md (repeatable)")
@@ -120,7 +115,10 @@ def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
         if str(output).lower().endswith(DICOM_SEG_SUFFIX):
             if not input_path.is_dir():
                 raise LiverSegInputError(f"a DICOM SEG output ({output.name}) needs a DICOM series folder as input")
+            from .dicom_seg import source_datasets
+
             series = select_series(input_path, args.series)
+            seg_sources = source_datasets(series)
             image = read_dicom_series(series)
         else:
             image = read_ct(input_path, args.series)
@@ -147,12 +145,14 @@ def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
     if series is not None:
         from .dicom_seg import write_dicom_seg
 
-        write_dicom_seg(result, series, output, lesions=not args.no_lesions)
+        write_dicom_seg(result, series, output, lesions=not args.no_lesions, datasets=seg_sources)
     else:
         write_segmentation(result, output, lesions=not args.no_lesions)
     report = volume_report(image, result, str(input_path), str(output))
     for path in reports:
         write_report(report, path)
+    for warning in result.qc_warnings:
+        _warn(warning, events)
     if events:
         events.emit("result", summary=summary_line(report), report=report)
         return 0
@@ -174,9 +174,10 @@ def _series(args: argparse.Namespace) -> int:
     found = list_dicom_series(folder)
     if not found:
         raise LiverSegInputError(f"no DICOM CT series found in folder: {folder}")
-    print(f"{'number':>6}  {'slices':>6}  {'spacing':>8}  description / SeriesInstanceUID")
+    print(f"{'--series':>8}  {'number':>6}  {'slices':>6}  {'spacing':>8}  description / SeriesInstanceUID")
     for series in found:
-        print(f"{series.number or '-':>6}  {len(series.files):6d}  {series.spacing_mm:6.2f}mm  {series.description or '(no description)'}  {series.uid or '(no UID)'}")
+        handle = series.handle if len(series.handle) <= 8 else "UID"
+        print(f"{handle:>8}  {series.number or '-':>6}  {len(series.files):6d}  {series.spacing_mm:6.2f}mm  {series.description or '(no description)'}  {series.uid or '(no UID)'}")
     return 0
 
 
@@ -197,6 +198,14 @@ def _show_engine_messages() -> None:
         engine_log.setLevel(logging.INFO)
 
 
+def _warn(message: str, events: JsonEvents | None) -> None:
+    """Every warning of a run, LiverSeg's own and the engine's Python warnings: a line on stderr, and an
+    event with ``--progress json``."""
+    print(f"liverseg: warning: {message}", file=sys.stderr)
+    if events:
+        events.emit("warning", message=message)
+
+
 def _fail(message: str, exit_code: int, events: JsonEvents | None) -> int:
     print(f"liverseg: {message}", file=sys.stderr)
     if events:
@@ -207,23 +216,20 @@ def _fail(message: str, exit_code: int, events: JsonEvents | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     events = JsonEvents() if getattr(args, "progress", None) == "json" else None
-    warnings.formatwarning = lambda message, category, *rest: f"liverseg: warning: {message}\n"
-    shown_warning = warnings.showwarning
-    if events:
-        warnings.showwarning = events.show_warning
     _show_engine_messages()
-    try:
-        return _segment(args, events) if args.command == "segment" else _series(args)
-    except LiverSegInputError as error:
-        return _fail(f"error: {error}", EXIT_INPUT_ERROR, events)
-    except KeyboardInterrupt:
-        return _fail("interrupted, nothing written", 130, events)
-    except Exception as error:  # noqa: BLE001 - the user gets one line; LIVERSEG_DEBUG=1 shows the traceback
-        if os.environ.get("LIVERSEG_DEBUG"):
-            raise
-        return _fail(f"error: unexpected failure ({type(error).__name__}: {error}); rerun with LIVERSEG_DEBUG=1 for details", 1, events)
-    finally:
-        warnings.showwarning = shown_warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # the same warning for a second input is still said
+        warnings.showwarning = lambda message, *rest: _warn(str(message), events)
+        try:
+            return _segment(args, events) if args.command == "segment" else _series(args)
+        except LiverSegInputError as error:
+            return _fail(f"error: {error}", EXIT_INPUT_ERROR, events)
+        except KeyboardInterrupt:
+            return _fail("interrupted, nothing written", 130, events)
+        except Exception as error:  # noqa: BLE001 - the user gets one line; LIVERSEG_DEBUG=1 shows the traceback
+            if os.environ.get("LIVERSEG_DEBUG"):
+                raise
+            return _fail(f"error: unexpected failure ({type(error).__name__}: {error}); rerun with LIVERSEG_DEBUG=1 for details", 1, events)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,25 @@ def _quiet_person_names():
         yield
 
 
+def _character_set(dataset) -> str | list[str]:
+    """The source's Specific Character Set as highdicom accepts it for the SEG.
+
+    highdicom copies (0008,0005) from the first source image and rejects an empty value (``''`` is
+    not one of its ``SpecificCharacterSetValues``), yet DICOM allows it: empty or absent means the
+    default repertoire, and an empty first value of several means ISO 2022 IR 6 (PS3.3 C.12.1.1.2).
+    pydicom decodes text without a character set as Latin-1, a superset of that repertoire, so
+    ISO_IR 100 describes the text exactly as read. Only the SEG gets this value, never the source.
+    """
+    value = dataset.get("SpecificCharacterSet")
+    values = [value] if value is None or isinstance(value, str) else list(value)
+    values = [str(v or "").strip() for v in values]
+    if not any(values):
+        return "ISO_IR 100"
+    if len(values) == 1:
+        return values[0]
+    return [values[0] or "ISO 2022 IR 6", *values[1:]]
+
+
 def _code(triplet: tuple[str, str, str]):
     from pydicom.sr.coding import Code
 
@@ -71,9 +90,9 @@ def _description(number: int, spec: SegmentSpec, model_name: str, model_version:
     )
 
 
-def build_dicom_seg(result: SegmentationResult, series: DicomSeries, lesions: bool = True):
-    """A highdicom ``Segmentation`` of ``result`` referencing the CT instances of ``series``."""
-    import highdicom as hd
+def source_datasets(series: DicomSeries) -> list:
+    """The series' headers, checked for what a DICOM SEG must reference: called before the network runs, so
+    that a series a SEG cannot be made for is refused at once."""
     import pydicom
 
     with _quiet_person_names():
@@ -85,6 +104,13 @@ def build_dicom_seg(result: SegmentationResult, series: DicomSeries, lesions: bo
                     f"source DICOM {Path(dataset.filename).name} has an empty {keyword}: a DICOM SEG cannot reference it; "
                     "write .nii.gz/.seg.nrrd instead or fix the UIDs"
                 )
+    return datasets
+
+
+def build_dicom_seg(result: SegmentationResult, datasets: list, lesions: bool = True):
+    """A highdicom ``Segmentation`` of ``result`` referencing the CT instances ``datasets`` (``source_datasets``)."""
+    import highdicom as hd
+
     label = sitk.GetArrayViewFromImage(result.label_image)
     if label.shape[0] != len(datasets) or label.shape[1:] != (int(datasets[0].Rows), int(datasets[0].Columns)):
         raise LiverSegInputError("the label map does not match the DICOM series' frames")
@@ -109,11 +135,13 @@ def build_dicom_seg(result: SegmentationResult, series: DicomSeries, lesions: bo
             content_label="LIVERSEG",
             series_description="LiverSeg liver segmentation",
             omit_empty_frames=bool(pixels.any()),
+            specific_character_set=_character_set(first),
         )
 
 
-def write_dicom_seg(result: SegmentationResult, series: DicomSeries, path: str | os.PathLike, lesions: bool = True) -> None:
-    seg = build_dicom_seg(result, series, lesions)
+def write_dicom_seg(result: SegmentationResult, series: DicomSeries, path: str | os.PathLike, lesions: bool = True,
+                    datasets: list | None = None) -> None:
+    seg = build_dicom_seg(result, datasets if datasets is not None else source_datasets(series), lesions)
     with atomic_output(path, ".dcm") as temporary:
         seg.save_as(temporary)
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
+import re
 import struct
 import tempfile
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 # A header claiming more voxels than this is refused before any pixel is read (2 GiB of int16).
 MAX_VOXELS = 1 << 30
+AIR_HU = -1024.0  # what NaN or infinite voxels are read as
 
 
 CT_IMAGE_STORAGE = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"}  # CT, Enhanced CT
@@ -41,10 +44,12 @@ class DicomSeries:
     description: str
     number: str
     positions_mm: tuple[float, ...] = ()
+    handle: str = ""  # what ``--series`` takes to choose it: its number, else its UID, else @position in the listing
 
     @property
     def label(self) -> str:
-        return f"#{self.number or '?'} '{self.description}' ({len(self.files)} slices, {self.spacing_mm:.2f} mm) {self.uid or '(no UID)'}"
+        uid = "" if self.handle == self.uid else f" {self.uid or '(no UID)'}"
+        return f"{self.handle} '{self.description}' ({len(self.files)} slices, {self.spacing_mm:.2f} mm){uid}"
 
     @property
     def spacing_mm(self) -> float:
@@ -106,7 +111,24 @@ def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
                 positions_mm=tuple(m[0] for m in members),
             )
         )
-    return sorted(series, key=lambda s: (s.number, s.uid))
+    return _with_handles(sorted(series, key=lambda s: (s.number, s.uid)))
+
+
+def _with_handles(series: list[DicomSeries]) -> list[DicomSeries]:
+    """Give each series a handle that names it alone: its series number when no other has it, else its UID
+    when no other has that, else its position in the listing (``@2``); exported series often lack both."""
+    numbers = [s.number for s in series]
+    uids = [s.uid for s in series]
+    handled = []
+    for position, one in enumerate(series, start=1):
+        if one.number and numbers.count(one.number) == 1:
+            handle = one.number
+        elif one.uid and uids.count(one.uid) == 1:
+            handle = one.uid
+        else:
+            handle = f"@{position}"
+        handled.append(replace(one, handle=handle))
+    return handled
 
 
 def select_series(folder: str | os.PathLike, series_uid: str | None = None) -> DicomSeries:
@@ -116,7 +138,7 @@ def select_series(folder: str | os.PathLike, series_uid: str | None = None) -> D
     if not series:
         raise LiverSegInputError(f"no DICOM CT series found in folder: {folder}")
     if series_uid is not None:
-        chosen = [s for s in series if series_uid in (s.uid, s.number)]
+        chosen = [s for s in series if s.handle == series_uid] or [s for s in series if series_uid in (s.uid, s.number)]
         if not chosen:
             raise LiverSegInputError(f"series {series_uid} not found in {folder}; it holds: " + _describe(series))
         series = chosen
@@ -139,16 +161,40 @@ def check_slice_spacing(series: DicomSeries) -> None:
         raise LiverSegInputError(f"DICOM series {series.label} has missing slice(s): gap at {where} (usual step {usual:.2f} mm)")
 
 
+def _check_pixel_spacing(series: DicomSeries) -> None:
+    """ITK reads a missing or zero Pixel Spacing (0028,0030) as 1 mm: refuse instead of measuring wrongly."""
+    import pydicom
+
+    header = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    spacing = [float(v) for v in (getattr(header, "PixelSpacing", None) or [])]
+    if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise LiverSegInputError(f"DICOM series {series.label} has pixel spacing {spacing or 'missing'} (0028,0030); "
+                                 "the voxel size is unknown")
+
+
+def _unreadable_slice(series: DicomSeries) -> str:
+    """Which file of a series that ITK could not read is at fault, and why (read one by one: error path only)."""
+    for index, file in enumerate(series.files):
+        try:
+            with _itk_warnings_off():
+                sitk.ReadImage(file)
+        except RuntimeError as error:
+            return f"slice {index + 1} of {len(series.files)}, {file}{_because(error) or ' (unreadable pixel data)'}"
+    return f"{len(series.files)} slices that cannot be read together"
+
+
 def read_dicom_series(series: DicomSeries) -> sitk.Image:
     """The series' slices in position order, checked like any CT: slice k is ``series.files[k]``."""
     check_slice_spacing(series)
+    _check_pixel_spacing(series)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(series.files))
     folder = Path(series.files[0]).parent
     try:
-        image = reader.Execute()
-    except RuntimeError as error:
-        raise LiverSegInputError(f"unreadable DICOM series in {folder}: {_first_line(error)}") from None
+        with _itk_warnings_off():
+            image = reader.Execute()
+    except RuntimeError:
+        raise LiverSegInputError(f"unreadable DICOM series in {folder}: {_unreadable_slice(series)}") from None
     return check_ct(image, str(folder))
 
 
@@ -156,10 +202,20 @@ def _describe(series: list[DicomSeries]) -> str:
     return "; ".join(s.label for s in series)
 
 
+_INTERNALS = re.compile(r"\S+\.(?:cxx|cpp|hxx|h|txx):\d+:?|\b\w+\(0x[0-9a-fA-F]+\):\s*|Exception thrown in SimpleITK \w+:?|(?:sitk|itk)::ERROR:?|ITK ERROR:?")
+
+
 def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    meaningful = [line for line in lines if not line.startswith(("sitk::ERROR", "itk::ERROR"))] or lines
-    return (meaningful[-1] if meaningful else type(error).__name__)[:200]
+    """The library's message for a user: its last meaningful line without source paths, object addresses or
+    ITK's exception prefixes; '' when nothing is left."""
+    lines = [" ".join(_INTERNALS.sub(" ", line).split()).strip(" :") for line in str(error).splitlines()]
+    meaningful = [line for line in lines if len(line) > 3]
+    return meaningful[-1][:200] if meaningful else ""
+
+
+def _because(error: Exception) -> str:
+    reason = _first_line(error)
+    return f" ({reason})" if reason else ""
 
 
 def _nifti_bytes(header: bytes) -> int | None:
@@ -209,21 +265,67 @@ def _check_complete(path: Path) -> None:
             raise LiverSegInputError(f"truncated image {path}: {path.stat().st_size} bytes, header needs {expected}")
 
 
+def _nifti_header(path: Path) -> bytes:
+    """The first 348 bytes, or b'' when they cannot be read (ITK's reader then says what is wrong)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            return stream.read(348)
+    except (EOFError, OSError, zlib.error):
+        return b""
+
+
+def _check_nifti_spacing(path: Path) -> None:
+    """ITK reads a NIfTI voxel size of 0 as 1 mm without a word (a 1286 mL liver then measures 257 mL), and a
+    negative one as its absolute value. Zero or unreadable: refused, the size is unknown; negative: a warning."""
+    header = _nifti_header(path)
+    endian = next((e for e in "<>" if len(header) >= 348 and struct.unpack(e + "i", header[:4])[0] == 348), None)
+    if endian is None:
+        return
+    dims = struct.unpack(endian + "8h", header[40:56])
+    pixdim = struct.unpack(endian + "8f", header[76:108])
+    for axis in range(1, min(dims[0], 3) + 1):
+        size_mm = pixdim[axis]
+        if not math.isfinite(size_mm) or size_mm == 0:
+            raise LiverSegInputError(f"{path}: the NIfTI header gives voxel size {size_mm:g} along axis {axis} (pixdim[{axis}]); "
+                                     "the spacing is unknown, fix the header")
+        if size_mm < 0:
+            warnings.warn(f"{path}: the NIfTI header gives a negative voxel size {size_mm:g} along axis {axis} "
+                          f"(pixdim[{axis}]); using {abs(size_mm):g} mm")
+
+
 def _read_file(path: Path) -> sitk.Image:
+    if path.is_file() and path.stat().st_size == 0:
+        raise LiverSegInputError(f"empty file (0 bytes): {path}")
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_spacing(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    with _itk_warnings_off():
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as error:
+            raise LiverSegInputError(f"not a readable image: {path}{_because(error)}") from None
+        voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents()
+        if voxels > MAX_VOXELS:
+            raise LiverSegInputError(f"image header claims {voxels} voxels, more than LiverSeg accepts: {path}")
+        _check_complete(path)
+        try:
+            return reader.Execute()
+        except RuntimeError as error:
+            raise LiverSegInputError(f"corrupted or truncated image {path}{_because(error)}") from None
+
+
+@contextlib.contextmanager
+def _itk_warnings_off():
+    """ITK prints its warnings (source file, line, object address) straight to stderr; what matters to a
+    user is checked and said by LiverSeg itself."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise LiverSegInputError(f"not a readable image: {path} ({_first_line(error)})") from None
-    voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents()
-    if voxels > MAX_VOXELS:
-        raise LiverSegInputError(f"image header claims {voxels} voxels, more than LiverSeg accepts: {path}")
-    _check_complete(path)
-    try:
-        return reader.Execute()
-    except RuntimeError as error:
-        raise LiverSegInputError(f"corrupted or truncated image {path}: {_first_line(error)}") from None
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
@@ -249,6 +351,11 @@ def check_ct(image: sitk.Image, source: str) -> sitk.Image:
     size = image.GetSize()
     if min(size) < 2:
         raise LiverSegInputError(f"{source} has size {size}: a single slice, not a 3D volume")
+    spacing_mm = image.GetSpacing()
+    if not all(math.isfinite(v) and v > 0 for v in spacing_mm):
+        raise LiverSegInputError(f"{source} has voxel spacing {tuple(round(v, 4) for v in spacing_mm)} mm; every spacing must be above 0")
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        image = _non_finite_as_air(sitk.Cast(image, sitk.sitkFloat32), source)
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(image)
     low, high = stats.GetMinimum(), stats.GetMaximum()
@@ -257,9 +364,23 @@ def check_ct(image: sitk.Image, source: str) -> sitk.Image:
     integer = image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32)
     if integer and low >= 0 and high <= 255:
         raise LiverSegInputError(f"{source} looks like a label map (integer values {low:g}..{high:g}), not a CT in HU")
-    if low > -500 or high < 200:
-        warnings.warn(f"{source}: intensities {low:g}..{high:g} do not look like CT Hounsfield units (MR or unscaled?); results may be poor")
     return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def _non_finite_as_air(image: sitk.Image, source: str) -> sitk.Image:
+    """NaN or infinite voxels (a float volume with masked-out regions) are read as air with a warning: the
+    network must never see them, and they must never become lesions."""
+    voxels = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(voxels)
+    if finite.all():
+        return image
+    if not finite.any():
+        raise LiverSegInputError(f"{source} holds no finite value (every voxel is NaN or infinite)")
+    count = int(voxels.size - np.count_nonzero(finite))
+    warnings.warn(f"{source}: {count} voxels ({100 * count / voxels.size:.2g} %) are NaN or infinite; they are read as air ({AIR_HU:g} HU)")
+    cleaned = sitk.GetImageFromArray(np.where(finite, voxels, np.float32(AIR_HU)))
+    cleaned.CopyInformation(image)
+    return cleaned
 
 
 def check_input_path(path: str | os.PathLike) -> Path:
@@ -273,8 +394,10 @@ def check_input_path(path: str | os.PathLike) -> Path:
 def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> Path:
     """Validate an output path before any work is done, so a bad path costs nothing."""
     path = Path(path)
-    if not any(str(path).lower().endswith(s) for s in suffixes):
+    if not any(str(path).lower().rstrip("/\\").endswith(s) for s in suffixes):
         raise LiverSegInputError(f"output must end with one of {', '.join(suffixes)}: {path}")
+    if path.is_dir():
+        raise LiverSegInputError(f"output is an existing folder, not a file name: {path}")
     if not path.parent.is_dir():
         raise LiverSegInputError(f"output folder does not exist: {path.parent}")
     try:  # a real probe: permission bits say nothing for root, read-only mounts or special file systems

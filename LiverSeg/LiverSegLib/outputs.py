@@ -76,9 +76,9 @@ def volume_report(image: sitk.Image, result: SegmentationResult, input_path: str
         "input": input_path,
         "output": output_path,
         "liver_volume_ml": round(result.liver_ml, 2),
-        "lesions_segmented": result.lesion_count >= 0,
+        "lesions_segmented": result.lesion_count is not None,
         "lesions_validated": result.lesions_validated,
-        "lesion_count": max(result.lesion_count, 0),
+        "lesion_count": result.lesion_count,
         "lesion_volumes_ml": [round(v, 2) for v in sorted(result.lesion_volumes_ml, reverse=True)],
         "lesion_total_ml": round(result.lesion_ml, 2),
         "lesion_burden_pct": round(100.0 * result.lesion_ml / result.liver_ml, 3) if result.liver_ml else 0.0,
@@ -88,6 +88,7 @@ def volume_report(image: sitk.Image, result: SegmentationResult, input_path: str
         "runtime": result.runtime,
         "seconds": round(result.seconds, 3),
         "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
+        "qc_warnings": list(result.qc_warnings),
     }
 
 
@@ -126,6 +127,8 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| HU inside the liver: mean ± SD (median; 5th–95th pct) | {liver['mean']:.1f} ± {liver['std']:.1f} ({liver['median']:.0f}; {liver['p5']:.0f}–{liver['p95']:.0f}) |")
     if report["lesion_volumes_ml"]:
         lines += ["", "Lesions by volume (mL): " + ", ".join(f"{v:.2f}" for v in report["lesion_volumes_ml"])]
+    if report["qc_warnings"]:
+        lines += ["", "Warnings:"] + [f"- {warning}" for warning in report["qc_warnings"]]
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from .inference import ProgressCallback, choose_device, predict_probabilities, p
 from .model import BUNDLED_CARD, ModelCard
 from .postprocessing import LIVER, compose_label_map, lesion_volumes_ml
 from .preprocessing import SliceGrid, prepare_volume
+from .qc import qc_warnings
 from .runtime import OnnxRuntimeNetwork, load_runtime_network
 
 
@@ -25,7 +26,7 @@ class SegmentationResult:
     label_image: sitk.Image
     liver_ml: float
     lesion_ml: float
-    lesion_count: int
+    lesion_count: int | None  # None: lesions were not segmented
     lesion_volumes_ml: list[float]
     seconds: float
     device: str
@@ -35,6 +36,7 @@ class SegmentationResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     runtime: str = "torch"  # what ran the network: torch or onnxruntime
     probabilities: torch.Tensor | None = None  # (Z, channels, n, n) canonical model grid, when kept
+    qc_warnings: list[str] = field(default_factory=list)  # plausibility warnings (qc.py)
 
 
 def voxel_volume_ml(image: sitk.Image) -> float:
@@ -99,11 +101,14 @@ class LiverSegmenter:
         if lesions:
             lesion_volumes = lesion_volumes_ml(label_canonical, voxel_ml)
         lap("lesion_count")
+        liver_ml = float(np.count_nonzero(label_canonical >= LIVER)) * voxel_ml
+        intensities = sitk.MinimumMaximumImageFilter()
+        intensities.Execute(image)
         return SegmentationResult(
             label_image=label_image,
-            liver_ml=float(np.count_nonzero(label_canonical >= LIVER)) * voxel_ml,
+            liver_ml=liver_ml,
             lesion_ml=float(sum(lesion_volumes)),
-            lesion_count=len(lesion_volumes) if lesions else -1,
+            lesion_count=len(lesion_volumes) if lesions else None,
             lesion_volumes_ml=lesion_volumes,
             seconds=time.perf_counter() - started,
             device=str(used_device),
@@ -113,4 +118,5 @@ class LiverSegmenter:
             timings_s=timings,
             runtime=self.runtime,
             probabilities=probabilities if keep_probabilities else None,
+            qc_warnings=qc_warnings(intensities.GetMinimum(), intensities.GetMaximum(), liver_ml, label_canonical),
         )
