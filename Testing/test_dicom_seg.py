@@ -4,6 +4,7 @@ read against their label maps."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -11,10 +12,38 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LiverSegLib.dicom_seg import read_dicom_seg, write_dicom_seg
+from LiverSegLib.dicom_seg import write_dicom_seg
 from LiverSegLib.io import list_dicom_series, read_dicom_series, select_series
 
 from test_cli import run_cli
+
+
+def read_dicom_seg(path: str | os.PathLike, reference: sitk.Image) -> dict[str, np.ndarray]:
+    """Our own reading of a SEG, independent of highdicom's: segment label → boolean (k, j, i) mask on
+    ``reference``'s grid, each frame placed by its ImagePositionPatient."""
+    import pydicom
+
+    seg = pydicom.dcmread(str(path))
+    assert seg.Modality == "SEG", seg.Modality
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+    labels = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
+    masks = {label: np.zeros(sitk.GetArrayViewFromImage(reference).shape, bool) for label in labels.values()}
+    size = reference.GetSize()
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
+
+    def functional_group(item, keyword: str):
+        """A per-frame functional group, or the shared one when all frames have the same."""
+        return getattr(item, keyword, None) or getattr(shared, keyword)
+
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        number = int(functional_group(item, "SegmentIdentificationSequence")[0].ReferencedSegmentNumber)
+        position = [float(v) for v in functional_group(item, "PlanePositionSequence")[0].ImagePositionPatient]
+        index = reference.TransformPhysicalPointToContinuousIndex(position)
+        k = int(round(index[2]))
+        assert 0 <= k < size[2] and abs(index[2] - k) <= 0.1 and max(abs(index[0]), abs(index[1])) <= 0.1, \
+            f"SEG frame at {position} does not lie on a slice of the reference image"
+        masks[labels[number]][k] |= frame.astype(bool)
+    return masks
 
 
 @pytest.fixture(scope="module")

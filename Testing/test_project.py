@@ -44,3 +44,36 @@ def test_slicer_requirements_have_the_bounds_of_pyproject():
         name = re.split(r"[<>=!~]", requirement, maxsplit=1)[0].lower()
         assert bounds[name] == requirement, (bounds[name], requirement)
     assert bounds["torch"].startswith("torch" + TORCH_VERSION)
+
+
+def engine_imports(path) -> set[str]:
+    """The LiverSegLib modules a module imports, lazily too, except under ``if TYPE_CHECKING:``."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+               for statement in block.body for node in ast.walk(statement)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped or not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 1 and node.module:
+            found.add(node.module.split(".")[0])
+        elif node.level == 1:
+            found |= {alias.name for alias in node.names if alias.name != "__version__"}
+        elif (node.module or "").startswith("LiverSegLib."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_engine_layers_point_one_way():
+    """Every engine module imports only modules of the layers above its own (LiverSegLib.LAYERS)."""
+    from LiverSegLib import LAYERS
+
+    layer_of = {name: index for index, names in enumerate(LAYERS) for name in names}
+    package = PROJECT_ROOT / "LiverSeg" / "LiverSegLib"
+    modules = {path.stem for path in package.glob("*.py")} - {"__init__"}
+    assert modules == set(layer_of), "LAYERS does not list exactly the engine's modules"
+    for name in modules:
+        for imported in engine_imports(package / f"{name}.py"):
+            assert layer_of[imported] < layer_of[name], f"{name} (layer {layer_of[name]}) imports {imported} (layer {layer_of[imported]})"

@@ -26,7 +26,8 @@ from LiverSegLib.options import DEVICES, RUNTIMES
 def end_to_end_child(ct: str, device: str, runtime: str, batch_size: int | None) -> None:
     """Runs in a child process so that its peak RSS is its own."""
     started = time.perf_counter()
-    from LiverSegLib.io import read_ct, write_image_atomic
+    from LiverSegLib.io import read_ct
+    from LiverSegLib.outputs import write_image_atomic
     from LiverSegLib.pipeline import LiverSegmenter
 
     imported = time.perf_counter()

@@ -1,9 +1,36 @@
 """LiverSeg engine: liver and liver-lesion segmentation of CT, without Slicer or Qt.
 
-Layers, each importing only the ones before it:
-``errors`` and ``options`` → ``io`` and ``geometry`` → ``preprocessing`` → ``model`` → ``inference`` →
-``postprocessing`` → ``pipeline`` (the one entry point) → ``cli``.
-Torch is imported lazily by the layers that need it, so ``io``/``geometry`` stay light.
+Layers, each importing only layers above it in ``LAYERS`` (``Testing/test_project.py`` checks every
+import, lazy ones included):
+
+1. ``errors``, ``options``, ``segments``, ``dependencies``: names and definitions, no imports of ours;
+2. ``io`` (the one reader and its checks) and ``geometry`` (index axes ↔ patient axes);
+3. ``outputs``: every file written (atomically), label maps, ``.seg.nrrd``, reports, summaries; it knows
+   file formats, not the network, so the model cache writes its ONNX export through it too;
+4. ``preprocessing`` → ``model`` → ``runtime`` (torch or ONNX Runtime) → ``inference`` →
+   ``postprocessing`` → ``qc`` → ``pipeline`` (the one entry point: a CT image in, a label map out);
+5. ``dicom_seg`` (DICOM SEG output) → ``cli`` (the ``liverseg`` command);
+6. ``job`` (the CLI in a child process) → ``mrml`` (Slicer nodes in and out, through ``job``).
+
+torch is imported only from ``preprocessing`` on, so ``io``, ``outputs``, ``job`` and ``mrml`` (all that
+Slicer's own process loads) stay light.
 """
 
 __version__ = "0.1.0"
+
+LAYERS = (
+    ("errors", "options", "segments", "dependencies"),
+    ("io", "geometry"),
+    ("outputs",),
+    ("preprocessing",),
+    ("model",),
+    ("runtime",),
+    ("inference",),
+    ("postprocessing",),
+    ("qc",),
+    ("pipeline",),
+    ("dicom_seg",),
+    ("cli",),
+    ("job",),
+    ("mrml",),
+)

@@ -94,9 +94,9 @@ def _load_segmenter(card_path: str | Path, device: str, runtime: str):
 
 
 def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
-    from .io import check_input_path, check_output_path, read_ct, read_dicom_series, select_series
+    from .io import check_input_path, read_ct, read_dicom_series, select_series
     from .model import BUNDLED_CARD
-    from .outputs import OUTPUT_SUFFIXES, check_report_path, summary_line, volume_report, write_report, write_segmentation
+    from .outputs import OUTPUT_SUFFIXES, check_output_path, check_report_path, summary_line, volume_report, write_report, write_segmentation
 
     if args.batch_size is not None and args.batch_size < 1:
         raise LiverSegInputError(f"--batch-size must be at least 1, got {args.batch_size}")

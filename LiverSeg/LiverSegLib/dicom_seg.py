@@ -21,7 +21,8 @@ import SimpleITK as sitk
 
 from . import __version__
 from .errors import LiverSegInputError
-from .io import DicomSeries, atomic_output
+from .io import DicomSeries
+from .outputs import atomic_output
 from .pipeline import SegmentationResult
 from .segments import LIVER_LESION, SEGMENTS, SegmentSpec
 
@@ -144,34 +145,3 @@ def write_dicom_seg(result: SegmentationResult, series: DicomSeries, path: str |
     seg = build_dicom_seg(result, datasets if datasets is not None else source_datasets(series), lesions)
     with atomic_output(path, ".dcm") as temporary:
         seg.save_as(temporary)
-
-
-def read_dicom_seg(path: str | os.PathLike, reference: sitk.Image) -> dict[str, np.ndarray]:
-    """Segment label → boolean (k, j, i) mask on ``reference``'s grid, frames placed by position."""
-    import pydicom
-
-    try:
-        seg = pydicom.dcmread(str(path))
-    except Exception as error:  # noqa: BLE001 - any parse failure is a bad input file
-        raise LiverSegInputError(f"not a readable DICOM SEG: {path} ({error})") from None
-    if getattr(seg, "Modality", "") != "SEG":
-        raise LiverSegInputError(f"{path} is not a DICOM SEG (modality {getattr(seg, 'Modality', '?')})")
-    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
-    labels = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
-    masks = {label: np.zeros(sitk.GetArrayViewFromImage(reference).shape, bool) for label in labels.values()}
-    size = reference.GetSize()
-    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
-
-    def functional_group(item, keyword: str):
-        """A per-frame functional group, or the shared one when all frames have the same."""
-        return getattr(item, keyword, None) or getattr(shared, keyword)
-
-    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
-        number = int(functional_group(item, "SegmentIdentificationSequence")[0].ReferencedSegmentNumber)
-        position = [float(v) for v in functional_group(item, "PlanePositionSequence")[0].ImagePositionPatient]
-        index = reference.TransformPhysicalPointToContinuousIndex(position)
-        k = int(round(index[2]))
-        if not (0 <= k < size[2]) or abs(index[2] - k) > 0.1 or max(abs(index[0]), abs(index[1])) > 0.1:
-            raise LiverSegInputError(f"SEG frame at {position} does not lie on a slice of the reference image")
-        masks[labels[number]][k] |= frame.astype(bool)
-    return masks

@@ -36,11 +36,6 @@ class CanonicalTransform:
         out = np.flip(array_spl, flip_axes) if flip_axes else array_spl
         return np.transpose(out, np.argsort(self.axes))
 
-    def canonical_spacing_mm(self, spacing_ijk_mm: tuple[float, float, float]) -> tuple[float, float, float]:
-        """Spacing of the canonical (S, P, L) axes, from the image's (i, j, k) spacing."""
-        spacing_kji = tuple(reversed(spacing_ijk_mm))
-        return tuple(float(spacing_kji[a]) for a in self.axes)  # type: ignore[return-value]
-
 
 def canonical_transform(direction: tuple[float, ...] | np.ndarray) -> CanonicalTransform:
     """Pick the permutation/flip that best aligns the index axes with L, P, S (LPS physical frame).

@@ -40,8 +40,8 @@ def default_batch_size(device: torch.device, card: ModelCard) -> int:
     """Slices per batch: 16 on the CPU; on CUDA at most 64, fewer when half the free GPU memory cannot
     hold them at a conservative 6 MB per 128² slice (out-of-memory still halves the batch).
 
-    64 is the fastest batch measured on an H100 (benchmarks/README.md): 4797 slices/s against 2826 at
-    512 for the 192-px model, 7698 against 5795 for the 128-px one; the peak was 2.3 GB at batch 256.
+    64 is the fastest batch measured on an H100, for the 192-px and the 128-px model alike, and the GPU
+    memory it takes there is small (benchmarks/README.md).
     """
     if device.type != "cuda":
         return 16
@@ -81,8 +81,8 @@ def predict_probabilities(
         while start < total:
             try:
                 if volume_on_device is None:
-                    # Channels-last (NHWC) convolutions: 1.15–1.26× the slices per second of NCHW on the 2-core
-                    # CPU (benchmarks/README.md), and the layout tensor cores want under autocast. Converted
+                    # Channels-last (NHWC) convolutions: faster than NCHW on the CPU (benchmarks/README.md),
+                    # and the layout tensor cores want under autocast. Converted
                     # outside inference mode: parameters made inside it could not be trained any more
                     # (validation runs this on the network being trained).
                     with torch.inference_mode(False):

@@ -1,7 +1,8 @@
-"""Reading CT volumes (NIfTI, NRRD, MHA or a DICOM series folder) and writing label maps.
+"""Reading CT volumes (NIfTI, NRRD, MHA or a DICOM series folder), and checking them.
 
-This is the one reader of the project: the CLI, the training package and the tests all go through
-``read_ct``, so a volume is checked the same way wherever it comes from.
+This is the one reader of the project: the CLI, the training package, the Slicer module's engine process
+and the tests all go through ``read_ct`` / ``check_ct``, so a volume is checked the same way wherever it
+comes from. Writing lives in ``outputs``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, replace
@@ -54,12 +54,6 @@ class DicomSeries:
     @property
     def spacing_mm(self) -> float:
         return float(np.median(np.diff(self.positions_mm))) if len(self.positions_mm) > 1 else 0.0
-
-
-def image_suffix(path: str | os.PathLike) -> str:
-    """The recognised image extension of ``path`` ('' when it has none)."""
-    name = str(path).lower()
-    return next((s for s in IMAGE_SUFFIXES if name.endswith(s)), "")
 
 
 def _dicom_headers(folder: Path):
@@ -389,48 +383,3 @@ def check_input_path(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise LiverSegInputError(f"input does not exist: {path}")
     return path
-
-
-def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> Path:
-    """Validate an output path before any work is done, so a bad path costs nothing."""
-    path = Path(path)
-    if not any(str(path).lower().rstrip("/\\").endswith(s) for s in suffixes):
-        raise LiverSegInputError(f"output must end with one of {', '.join(suffixes)}: {path}")
-    if path.is_dir():
-        raise LiverSegInputError(f"output is an existing folder, not a file name: {path}")
-    if not path.parent.is_dir():
-        raise LiverSegInputError(f"output folder does not exist: {path.parent}")
-    try:  # a real probe: permission bits say nothing for root, read-only mounts or special file systems
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError:
-        raise LiverSegInputError(f"output folder is not writable: {path.parent}") from None
-    return path
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, suffix: str = ""):
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
-
-    The rename is atomic on one file system, so readers see the old file or the complete new one and a
-    failed run leaves nothing. The file gets the permissions a plain ``open`` would give it.
-    """
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        yield temporary
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_image_atomic(image: sitk.Image, path: str | os.PathLike) -> None:
-    """Write an image (format from the extension) without ever leaving a half-written file."""
-    suffix = next(s for s in LABEL_SUFFIXES + IMAGE_SUFFIXES if str(path).lower().endswith(s))
-    with atomic_output(path, suffix) as temporary:
-        sitk.WriteImage(image, temporary, useCompression=True)

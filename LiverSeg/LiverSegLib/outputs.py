@@ -1,13 +1,17 @@
-"""Files a user takes away: label maps, Slicer ``.seg.nrrd`` segmentations and volume reports.
+"""Files LiverSeg writes: label maps, Slicer ``.seg.nrrd`` segmentations, volume reports (and, through
+``atomic_output``, the DICOM SEG and the ONNX export of the model cache); the checks of output paths.
 
-Every file is written through ``write_image_atomic`` / a temporary file and renamed, so a failed run
-never leaves a half-written output.
+Every file is written to a temporary file beside its destination and renamed (``atomic_output``), so a
+failed or killed run never leaves a half-written output. Nothing here imports torch: the Slicer module's
+main process formats summaries with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,9 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import LiverSegInputError
-from .io import LABEL_SUFFIXES, atomic_output, write_image_atomic
-from .postprocessing import LESION, LIVER
-from .segments import LIVERSEG_SEGMENT_TAG, SEGMENTS, terminology_entry
+from .io import IMAGE_SUFFIXES, LABEL_SUFFIXES
+from .segments import LIVER, LIVER_LESION, LIVERSEG_SEGMENT_TAG, SEGMENTS, terminology_entry
 
 if TYPE_CHECKING:  # the pipeline imports torch; reports and summaries are read where torch is not (Slicer's main process)
     from .pipeline import SegmentationResult
@@ -27,12 +30,57 @@ OUTPUT_SUFFIXES = (SEG_NRRD_SUFFIX,) + LABEL_SUFFIXES
 REPORT_SUFFIXES = (".json", ".md")
 
 
+def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> Path:
+    """Validate an output path before any work is done, so a bad path costs nothing."""
+    path = Path(path)
+    if not any(str(path).lower().rstrip("/\\").endswith(s) for s in suffixes):
+        raise LiverSegInputError(f"output must end with one of {', '.join(suffixes)}: {path}")
+    if path.is_dir():
+        raise LiverSegInputError(f"output is an existing folder, not a file name: {path}")
+    if not path.parent.is_dir():
+        raise LiverSegInputError(f"output folder does not exist: {path.parent}")
+    try:  # a real probe: permission bits say nothing for root, read-only mounts or special file systems
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError:
+        raise LiverSegInputError(f"output folder is not writable: {path.parent}") from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure delete it.
+
+    The rename is atomic on one file system, so readers see the old file or the complete new one and a
+    failed run leaves nothing. The file gets the permissions a plain ``open`` would give it.
+    """
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield temporary
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_image_atomic(image: sitk.Image, path: str | os.PathLike) -> None:
+    """Write an image (format from the extension) without ever leaving a half-written file."""
+    suffix = next(s for s in LABEL_SUFFIXES + IMAGE_SUFFIXES if str(path).lower().endswith(s))
+    with atomic_output(path, suffix) as temporary:
+        sitk.WriteImage(image, temporary, useCompression=True)
+
+
 def seg_nrrd_image(label_image: sitk.Image, lesions: bool = True) -> sitk.Image:
     """The label map with the header keys by which Slicer opens it as named, coloured segments."""
     image = sitk.Cast(label_image, sitk.sitkUInt8)
     size = image.GetSize()
     extent = f"0 {size[0] - 1} 0 {size[1] - 1} 0 {size[2] - 1}"
-    specs = [s for s in SEGMENTS if lesions or s.label_value != LESION]
+    specs = [s for s in SEGMENTS if lesions or s is not LIVER_LESION]
     for index, spec in enumerate(specs):
         prefix = f"Segment{index}_"
         for key, value in (
@@ -65,8 +113,8 @@ def volume_report(image: sitk.Image, result: SegmentationResult, input_path: str
     """Liver and lesion volumes, lesion burden, HU statistics inside the liver, model, device, timings."""
     label = sitk.GetArrayViewFromImage(result.label_image)
     hu = sitk.GetArrayViewFromImage(image)
-    liver_hu = hu[label >= LIVER]
-    parenchyma_hu = hu[label == LIVER]
+    liver_hu = hu[label >= LIVER.label_value]
+    parenchyma_hu = hu[label == LIVER.label_value]
     stats = {}
     for name, values in (("liver", liver_hu), ("parenchyma", parenchyma_hu)):
         if values.size:

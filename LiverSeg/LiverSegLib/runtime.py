@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -82,24 +81,19 @@ class OnnxRuntimeNetwork(torch.nn.Module):
 
 def export_onnx(network: torch.nn.Module, card: ModelCard, onnx_path: Path) -> None:
     """Export the fp32 network with a dynamic batch, atomically, and record the file's SHA-256."""
+    from .outputs import atomic_output  # the one atomic writer; outputs is torch-free and light
+
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, card.in_channels, card.input_size, card.input_size)
-    handle, temporary = tempfile.mkstemp(dir=onnx_path.parent, suffix=".onnx.part")
-    os.close(handle)
-    try:
+    with atomic_output(onnx_path, ".onnx") as temporary:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its own deprecation
             torch.onnx.export(
                 network.float().eval(), (example,), temporary, input_names=["slices"], output_names=["logits"],
                 dynamic_axes={"slices": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
             )
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; the cache is as readable as any other output
         digest = sha256_of(temporary)
-        os.replace(temporary, onnx_path)
-        onnx_path.with_suffix(".sha256").write_text(digest + "\n", encoding="utf-8")
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    onnx_path.with_suffix(".sha256").write_text(digest + "\n", encoding="utf-8")
 
 
 def cached_onnx_is_intact(onnx_path: Path) -> bool:
