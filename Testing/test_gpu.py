@@ -94,5 +94,5 @@ def test_default_cuda_batch_is_the_measured_fastest_when_memory_allows():
     free_bytes, _ = torch.cuda.mem_get_info()
     batch = default_batch_size(torch.device("cuda"), card)
     assert 1 <= batch <= CUDA_MAX_BATCH
-    if free_bytes > 8 * 2**30:  # far more than 64 slices need: a batch of 256 peaked at 2.3 GB on the H100
+    if free_bytes > 8 * 2**30:  # far more than 64 slices need (peak memory by batch: benchmarks/README.md)
         assert batch == CUDA_MAX_BATCH

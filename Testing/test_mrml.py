@@ -127,7 +127,7 @@ def test_segmentation_node_equals_engine_label_map(scene, data_root, segmenter, 
     predicted = on_grid >= 1
     dice = 2 * np.count_nonzero(predicted & truth) / (predicted.sum() + truth.sum())
     print(f"\n{storage}: liver Dice vs expert label through MRML = {dice:.4f}")
-    assert dice >= 0.9
+    assert dice >= 0.9  # a pipeline check (ircad_17 is a training patient of the bundled model), not accuracy
 
     # .seg.nrrd through Slicer's storage node, read back into a new scene.
     scene2, reread = save_and_reload(scene, segmentation_node, tmp_path / f"liver_{storage}.seg.nrrd")

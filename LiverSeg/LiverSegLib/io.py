@@ -270,7 +270,7 @@ def _nifti_header(path: Path) -> bytes:
 
 
 def _check_nifti_spacing(path: Path) -> None:
-    """ITK reads a NIfTI voxel size of 0 as 1 mm without a word (a 1286 mL liver then measures 257 mL), and a
+    """ITK reads a NIfTI voxel size of 0 as 1 mm without a word (a liver measured on 5 mm slices then shrinks five-fold), and a
     negative one as its absolute value. Zero or unreadable: refused, the size is unknown; negative: a warning."""
     header = _nifti_header(path)
     endian = next((e for e in "<>" if len(header) >= 348 and struct.unpack(e + "i", header[:4])[0] == 348), None)

@@ -47,7 +47,8 @@ class ModelCard:
         return 2 * self.context_slices + 1
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        """Strict JSON that any reader loads: a value that was never measured (NaN) is written as null."""
+        return json.dumps(_nan_as_null(asdict(self)), indent=1, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
@@ -62,6 +63,16 @@ class ModelCard:
         card.window_hu = tuple(card.window_hu)  # type: ignore[assignment]
         card.channels = tuple(card.channels)
         return card
+
+
+def _nan_as_null(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_as_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_as_null(item) for item in value]
+    return value
 
 
 def read_card(card_path: str | Path = BUNDLED_CARD) -> ModelCard:

@@ -1,11 +1,10 @@
 """Which runtime executes the network: torch, or ONNX Runtime on the CPU.
 
-On the project's 2-core CPU, ONNX Runtime runs the bundled U-Net faster than channels-last torch
-(102.5 against 96.8 slices/s) with probabilities equal to 1e-5, and a run that finds its ONNX file cached
-never imports segmentation-models-pytorch (timm, torchvision, torch._dynamo): 1.5 s from a bare Python to a
-ready session against 3.3 s to a torch network (benchmarks/README.md). So ``auto`` picks it on the CPU
-whenever onnxruntime is installed, and torch everywhere else (CUDA/MPS, training, or no onnxruntime, as in a
-bare Slicer).
+On a CPU, ONNX Runtime runs the bundled U-Net faster than channels-last torch with the same probabilities
+(to 1e-5), and a run that finds its ONNX file cached never imports segmentation-models-pytorch (timm,
+torchvision, torch._dynamo), so it is ready sooner (figures: benchmarks/README.md). So ``auto`` picks it on
+the CPU whenever onnxruntime is installed, and torch everywhere else (CUDA/MPS, training, or no
+onnxruntime, as in a bare Slicer).
 
 The repository keeps one copy of the weights (safetensors). The ONNX file is exported from them on
 first use into a per-user cache, named by the weights' SHA-256, with its own SHA-256 beside it: a
