@@ -241,7 +241,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApplyButton(self) -> None:
         parameters = self._parameterNode
         try:
-            if not self.logic.ensureDependencies(askConfirmation=True):
+            if not self.logic.ensureDependencies(parameters.device, askConfirmation=True):
                 self._resetPanel(_("Cancelled: LiverSeg needs the Python packages it asked for."))
                 return
             self._run = self.logic.start(
@@ -320,25 +320,27 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         return LiverSegParameterNode(super().getParameterNode())
 
     @staticmethod
-    def missingRequirements() -> list[str]:
+    def missingRequirements(device: str = "auto") -> list[str]:
         from LiverSegLib.dependencies import missing_modules
 
-        return missing_modules()
+        return missing_modules(device)
 
-    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install what is missing, once and only after asking. torch only through the PyTorch extension's
-        PyTorchUtils (the build that fits the GPU driver); the other packages with their version bounds, and
-        with the installed torch and torchvision pinned so pip never replaces them. Raises on a failed
-        install (the caller shows the message); False when the user declines."""
-        from LiverSegLib.dependencies import PIP_REQUIREMENTS, TORCH_VERSION, missing_modules, pip_arguments
+    def ensureDependencies(self, device: str = "auto", askConfirmation: bool = True) -> bool:
+        """Install what ``device`` needs and is missing, once and only after asking: ONNX Runtime (tens of MB)
+        for the CPU; for a GPU, torch only through the PyTorch extension's PyTorchUtils (the build that fits
+        the driver), then the other packages with their version bounds and with the installed torch and
+        torchvision pinned so pip never replaces them. Raises on a failed install (the caller shows the
+        message); False when the user declines."""
+        from LiverSegLib.dependencies import CPU_REQUIREMENTS, GPU_REQUIREMENTS, TORCH_VERSION, missing_modules, pip_arguments
 
-        missing = missing_modules()
+        missing = missing_modules(device)
         if not missing:
             return True
         if askConfirmation and not slicer.app.commandOptions().testingEnabled:
+            size = _("PyTorch alone downloads about 1–3 GB") if "torch" in missing else _("about 20–50 MB")
             if not slicer.util.confirmOkCancelDisplay(
                 _("LiverSeg needs these Python packages, which are not installed yet: {packages}. Install them now? "
-                  "PyTorch alone downloads about 1–3 GB; this takes a few minutes.").format(packages=", ".join(missing))
+                  "({size}; this takes a minute or more.)").format(packages=", ".join(missing), size=size)
             ):
                 return False
         if "torch" in missing:
@@ -349,10 +351,10 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                                    "from the Extensions Manager (it picks the torch build that fits this computer)") from None
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=TORCH_VERSION) is None:
                 return False
-        pip_missing = [requirement for requirement in missing_modules() if requirement in PIP_REQUIREMENTS]
+        pip_missing = [r for r in missing_modules(device) if r in CPU_REQUIREMENTS or r in GPU_REQUIREMENTS]
         if pip_missing:
             slicer.util.pip_install(pip_arguments(pip_missing))
-        still_missing = missing_modules()
+        still_missing = missing_modules(device)
         if still_missing:
             raise RuntimeError(f"still missing after installing: {', '.join(still_missing)}")
         return True
@@ -450,9 +452,9 @@ class LiverSegTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(volume)
 
         logic = LiverSegLogic()
-        self.assertTrue(logic.ensureDependencies(askConfirmation=False))
+        self.assertTrue(logic.ensureDependencies("cpu", askConfirmation=False))
         self.delayDisplay("Segmenting")
-        segmentation = logic.process(volume, timeoutSeconds=600)
+        segmentation = logic.process(volume, device="cpu", timeoutSeconds=600)
 
         segment_id = liverseg_segments(segmentation.GetSegmentation()).get("liver")
         self.assertTrue(segment_id)

@@ -33,16 +33,16 @@ class PreparedCase:
 
 def prepare_case(case: Case, card: ModelCard, cache_dir: Path | None = None) -> PreparedCase:
     """Read, reorient and preprocess with the engine's own functions; reuse the cache when it matches."""
-    key = hashlib.sha1(f"{case.source}|{card.window_hu}|{card.input_size}|v1".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{case.source}|{card.window_hu}|{card.input_size}|v2".encode()).hexdigest()[:12]  # v2: numpy resizing
     cache_file = cache_dir / f"{case.name}-{key}.pt" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
         image, masks = torch.load(cache_file, weights_only=True)
     else:
         ct, label = case.load()
         transform = canonical_transform(ct.GetDirection())
-        image = prepare_volume(transform.to_canonical(sitk.GetArrayViewFromImage(ct)), card.window_hu, card.input_size)
+        image = torch.from_numpy(prepare_volume(transform.to_canonical(sitk.GetArrayViewFromImage(ct)), card.window_hu, card.input_size))
         image = image.half()
-        masks = prepare_label(transform.to_canonical(label), card.input_size)
+        masks = torch.from_numpy(prepare_label(transform.to_canonical(label), card.input_size))
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             torch.save((image, masks), cache_file)
@@ -73,7 +73,7 @@ class SliceSampler:
         images, masks, channel_mask, weights = [], [], [], []
         for case_index, z in picks:
             case = self.cases[case_index]
-            images.append(slice_stack(case.image, torch.tensor([z]), self.context_slices)[0].float())
+            images.append(slice_stack(case.image, [z], self.context_slices)[0].float())
             masks.append(case.masks[z].float())
             channel_mask.append(torch.tensor([1.0, 1.0 if case.has_lesion_label else 0.0]))
             weights.append(self.weak_weight if case.weak else 1.0)

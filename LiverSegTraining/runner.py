@@ -73,7 +73,7 @@ def evaluate_case(segmenter: LiverSegmenter, case: Case, plot_path: Path | None 
             transform.to_canonical(sitk.GetArrayViewFromImage(ct))[z],
             canonical_truth[z],
             canonical_prediction[z],
-            result.probabilities[z, 0].numpy(),
+            result.probabilities[z, 0],
             plot_path,
         )
     return row

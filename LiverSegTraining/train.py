@@ -22,6 +22,8 @@ from .losses import combined_loss
 from .metrics import overlap
 
 log = logging.getLogger(__name__)
+LAST_CHECKPOINT = "checkpoint_last.pt"  # full state of the latest epoch, for resuming
+BEST_WEIGHTS = "best.pt"  # network weights of the best epoch, the ones a run returns
 
 
 @dataclass
@@ -49,9 +51,9 @@ def validate(network: torch.nn.Module, cases: list[PreparedCase], card: ModelCar
     for case in cases:
         probabilities, _ = predict_probabilities(network, case.image.float(), card, device)
         predicted = probabilities >= card.threshold
-        liver.append(overlap(predicted[:, 0].numpy(), case.masks[:, 0].numpy())["dice"])
+        liver.append(overlap(predicted[:, 0], case.masks[:, 0].numpy())["dice"])
         if case.has_lesion_label:
-            lesion.append(overlap(predicted[:, 1].numpy(), case.masks[:, 1].numpy())["dice"])
+            lesion.append(overlap(predicted[:, 1], case.masks[:, 1].numpy())["dice"])
     network.train()
     return (float(np.mean(liver)) if liver else float("nan"), float(np.mean(lesion)) if lesion else float("nan"))
 
@@ -72,6 +74,128 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     random.setstate(state["python"])
 
 
+@dataclass
+class TrainingState:
+    """A run in progress. Everything an epoch changes is what ``checkpoint_last.pt`` holds, so that a
+    resumed run continues exactly where the interrupted one stopped; ``card``, ``sampler`` and
+    ``device`` come from the config and are rebuilt, not saved."""
+
+    card: ModelCard
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts
+    sampler: SliceSampler
+    generator: torch.Generator
+    device: torch.device
+    history: list[EpochRecord] = field(default_factory=list)
+    best_score: float = -1.0
+    next_epoch: int = 0
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch, NumPy and Python, and return the generator that drives sampling and augmentation.
+
+    The network's initial weights come from torch's global RNG, so this must run before ``build``.
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build(config: TrainConfig, train_cases: list[PreparedCase], device: torch.device, generator: torch.Generator) -> TrainingState:
+    """Network, AdamW, cosine warm restarts (the LR falls over a cycle's steps, then restarts) and the sampler."""
+    schedule, card = config.schedule, config.card()
+    network = build_network(card).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    steps_per_cycle = schedule.epochs_per_cycle * schedule.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=steps_per_cycle, eta_min=schedule.min_lr)
+    sampler = SliceSampler(train_cases, schedule.liver_fraction, card.context_slices, schedule.weak_weight)
+    network.train()
+    return TrainingState(card, network, optimizer, scheduler, sampler, generator, device)
+
+
+def restore(state: TrainingState, output_dir: Path) -> bool:
+    """Load ``checkpoint_last.pt`` into a freshly built ``state``; False (nothing changed) when there is none."""
+    last_path = output_dir / LAST_CHECKPOINT
+    if not last_path.is_file():
+        return False
+    saved = torch.load(last_path, weights_only=False)
+    state.network.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    _set_rng_state(saved["rng"], state.generator)
+    state.history = [EpochRecord(**record) for record in saved["history"]]
+    state.best_score, state.next_epoch = saved["best_dice"], saved["next_epoch"]
+    return True
+
+
+def train_steps(state: TrainingState, config: TrainConfig) -> float:
+    """One epoch of optimisation: ``steps_per_epoch`` augmented batches, the LR stepped after each.
+
+    Returns the mean training loss.
+    """
+    losses = []
+    for _ in range(config.schedule.steps_per_epoch):
+        images, masks, channel_mask, weight = state.sampler.batch(config.schedule.batch_size, state.generator)
+        images, masks = augment_batch(images, masks, config.augment, state.generator)
+        logits = state.network(images.to(state.device))
+        loss, _ = combined_loss(logits, masks.to(state.device), (channel_mask * weight[:, None]).to(state.device), config.loss)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses))
+
+
+def run_epoch(state: TrainingState, config: TrainConfig, val_cases: list[PreparedCase]) -> EpochRecord:
+    """Train one epoch, validate, and append the epoch's record (its ``lr`` is the LR after the epoch)."""
+    cycle, epoch = divmod(state.next_epoch, config.schedule.epochs_per_cycle)
+    started_s = time.perf_counter()
+    train_loss = train_steps(state, config)
+    nan = float("nan")
+    val_liver, val_lesion = validate(state.network, val_cases, state.card, state.device) if val_cases else (nan, nan)
+    record = EpochRecord(cycle, epoch, train_loss, val_liver, val_lesion, state.lr, time.perf_counter() - started_s)
+    state.history.append(record)
+    state.next_epoch += 1
+    return record
+
+
+def checkpoint(state: TrainingState, score: float, output_dir: Path) -> None:
+    """Save the weights as ``best.pt`` when ``score`` beats every earlier epoch's, and always the full
+    state as ``checkpoint_last.pt``, so that an interrupted run loses at most the epoch in progress."""
+    if score > state.best_score:
+        state.best_score = score
+        torch.save(state.network.state_dict(), output_dir / BEST_WEIGHTS)
+    torch.save(
+        {
+            "model": state.network.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "rng": _rng_state(state.generator),
+            "history": [asdict(r) for r in state.history],
+            "best_dice": state.best_score,
+            "next_epoch": state.next_epoch,
+        },
+        output_dir / LAST_CHECKPOINT,
+    )
+
+
+def log_epoch(record: EpochRecord, epochs_left: int, mean_epoch_s: float, device: torch.device) -> None:
+    """One line per epoch with the time left: the schedule that takes minutes on a GPU takes hours on
+    a CPU, and the user should know after the first epoch."""
+    log.info(
+        "cycle %d epoch %d: loss %.4f, val liver Dice %.4f, lesion %.4f, lr %.2e, %.0f s (about %.0f min left in this training, on %s)",
+        record.cycle + 1, record.epoch + 1, record.train_loss, record.val_liver_dice, record.val_lesion_dice, record.lr,
+        record.seconds, epochs_left * mean_epoch_s / 60, device.type,
+    )
+
+
 def train(
     config: TrainConfig,
     train_cases: list[PreparedCase],
@@ -84,77 +208,23 @@ def train(
 
     Every epoch writes ``checkpoint_last.pt`` (model, optimizer, scheduler, RNG, position, history) so
     an interrupted run resumes exactly; the best validation liver Dice is kept in ``best.pt``. Without
-    validation cases the last epoch counts as best. ``max_epochs`` stops early (a time-boxed session)
+    validation cases the last epoch counts as best. ``max_epochs`` stops early (a time-boxed run)
     so that a later ``resume`` finishes the schedule.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
-    card = config.card()
     device = choose_device(config.device)
-    schedule = config.schedule
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    random.seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    network = build_network(card).to(device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
-    steps_per_cycle = schedule.epochs_per_cycle * schedule.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=steps_per_cycle, eta_min=schedule.min_lr)
-    sampler = SliceSampler(train_cases, schedule.liver_fraction, card.context_slices, schedule.weak_weight)
-    history: list[EpochRecord] = []
-    best_dice, start = -1.0, 0
-    last_path, best_path = output_dir / "checkpoint_last.pt", output_dir / "best.pt"
-    if resume and last_path.is_file():
-        state = torch.load(last_path, weights_only=False)
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], generator)
-        history = [EpochRecord(**record) for record in state["history"]]
-        best_dice, start = state["best_dice"], state["next_epoch"]
-        log.info("resuming at epoch %d of %d", start, schedule.cycles * schedule.epochs_per_cycle)
-    total_epochs = schedule.cycles * schedule.epochs_per_cycle
-    network.train()
+    state = build(config, train_cases, device, seed_everything(config.seed))
+    total_epochs = config.schedule.cycles * config.schedule.epochs_per_cycle
+    if resume and restore(state, output_dir):
+        log.info("resuming at epoch %d of %d", state.next_epoch, total_epochs)
+    start = state.next_epoch
     stop = total_epochs if max_epochs is None else min(total_epochs, start + max_epochs)
     for global_epoch in range(start, stop):
-        cycle, epoch = divmod(global_epoch, schedule.epochs_per_cycle)
-        started, losses = time.perf_counter(), []
-        for _ in range(schedule.steps_per_epoch):
-            images, masks, channel_mask, weight = sampler.batch(schedule.batch_size, generator)
-            images, masks = augment_batch(images, masks, config.augment, generator)
-            logits = network(images.to(device))
-            loss, _ = combined_loss(logits, masks.to(device), (channel_mask * weight[:, None]).to(device), config.loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-        val_liver, val_lesion = validate(network, val_cases, card, device) if val_cases else (float("nan"), float("nan"))
-        record = EpochRecord(cycle, epoch, float(np.mean(losses)), val_liver, val_lesion, optimizer.param_groups[0]["lr"], time.perf_counter() - started)
-        history.append(record)
-        score = val_liver if val_cases else float(global_epoch)
-        if score > best_dice:
-            best_dice = score
-            torch.save(network.state_dict(), best_path)
-        torch.save(
-            {
-                "model": network.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(generator),
-                "history": [asdict(r) for r in history],
-                "best_dice": best_dice,
-                "next_epoch": global_epoch + 1,
-            },
-            last_path,
-        )
-        # The schedule that takes 4.5 min on a GPU takes hours on a CPU: say so after the first epoch.
-        minutes_left = (stop - global_epoch - 1) * float(np.mean([r.seconds for r in history[start:]])) / 60
-        log.info(
-            "cycle %d epoch %d: loss %.4f, val liver Dice %.4f, lesion %.4f, lr %.2e, %.0f s (about %.0f min left in this training, on %s)",
-            cycle + 1, epoch + 1, record.train_loss, val_liver, val_lesion, record.lr, record.seconds, minutes_left, device.type,
-        )
-    (output_dir / "history.json").write_text(json.dumps([asdict(r) for r in history], indent=1), encoding="utf-8")
-    network.load_state_dict(torch.load(best_path, weights_only=True))
-    return TrainResult(card, network.eval(), history, best_dice if val_cases else float("nan"))
+        record = run_epoch(state, config, val_cases)
+        checkpoint(state, record.val_liver_dice if val_cases else float(global_epoch), output_dir)
+        log_epoch(record, stop - global_epoch - 1, float(np.mean([r.seconds for r in state.history[start:]])), device)
+    (output_dir / "history.json").write_text(json.dumps([asdict(r) for r in state.history], indent=1), encoding="utf-8")
+    state.network.load_state_dict(torch.load(output_dir / BEST_WEIGHTS, weights_only=True))
+    return TrainResult(state.card, state.network.eval(), state.history, state.best_score if val_cases else float("nan"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -39,15 +40,16 @@ def segmenter(model_cache):
 
 @pytest.fixture()
 def model_copy(tmp_path) -> tuple[Path, Path]:
-    """(card, weights) of a copy of the bundled model, for tests that damage it."""
+    """(card, weights) of a copy of the bundled model (its ONNX graph beside them), for tests that damage it."""
     from LiverSegLib.model import BUNDLED_CARD, read_card
 
     folder = tmp_path / "model"
     folder.mkdir()
-    weights_file = read_card().weights_file
+    card = read_card()
     shutil.copy(BUNDLED_CARD, folder / BUNDLED_CARD.name)
-    shutil.copy(BUNDLED_CARD.parent / weights_file, folder / weights_file)
-    return folder / BUNDLED_CARD.name, folder / weights_file
+    for name in (card.weights_file, card.onnx_file):
+        shutil.copy(BUNDLED_CARD.parent / name, folder / name)
+    return folder / BUNDLED_CARD.name, folder / card.weights_file
 
 
 def read_case(data_root: Path, name: str) -> tuple[sitk.Image, sitk.Image]:
@@ -55,3 +57,23 @@ def read_case(data_root: Path, name: str) -> tuple[sitk.Image, sitk.Image]:
     if not folder.is_dir():
         pytest.fail(f"case {name} missing from {data_root}")
     return sitk.ReadImage(str(folder / "ct.nii.gz")), sitk.ReadImage(str(folder / "label.nii.gz"))
+
+
+def tiny_config(tmp_path: Path, data_root: Path, extra: Sequence[str] = ()) -> list[str]:
+    """``--set`` overrides (without the flag) of a training small enough for a 2-core CI runner: a
+    64-px network, two one-epoch cycles of two steps, on the small weak-label cases; ``extra`` last wins.
+    Shared by the training tests (test_train.py) and the cross-validation tests (test_runner.py)."""
+    return [
+        "model.input_size=64",
+        "schedule.cycles=2",
+        "schedule.epochs_per_cycle=1",
+        "schedule.steps_per_epoch=2",
+        "schedule.batch_size=4",
+        "threads=2",
+        f"data=[{{layout = 'cases', path = '{data_root / 'cases'}'}}]",
+        f"cache_dir='{tmp_path / 'cache'}'",
+        "split.weak_train=['dcmqi_ct3slice', 'totalseg_example_sm_MODEL']",
+        "split.val=['totalseg_example_dicom_MODEL']",
+        "split.exclude=['ircad_01', 'ircad_07', 'ircad_17']",
+        *extra,
+    ]

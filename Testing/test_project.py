@@ -33,17 +33,23 @@ def test_engine_never_imports_training_or_qt():
 
 
 def test_slicer_requirements_have_the_bounds_of_pyproject():
-    """One set of version bounds: what the Slicer module pip-installs is what pyproject.toml asks for."""
+    """One set of version bounds: what the Slicer module pip-installs for the CPU is in pyproject's base
+    dependencies, what it adds for a GPU in the ``gpu`` extra, with the same bounds."""
     import tomllib
 
-    from LiverSegLib.dependencies import PIP_REQUIREMENTS, TORCH_VERSION
+    from LiverSegLib.dependencies import CPU_REQUIREMENTS, GPU_REQUIREMENTS, TORCH_VERSION
 
-    dependencies = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
-    bounds = {re.split(r"[<>=!~ ]", d, maxsplit=1)[0].lower(): d.replace(" ", "") for d in dependencies}
-    for requirement in PIP_REQUIREMENTS:
-        name = re.split(r"[<>=!~]", requirement, maxsplit=1)[0].lower()
-        assert bounds[name] == requirement, (bounds[name], requirement)
-    assert bounds["torch"].startswith("torch" + TORCH_VERSION)
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def bounds(requirements: list[str]) -> dict[str, str]:
+        return {re.split(r"[<>=!~ ;]", r, maxsplit=1)[0].lower(): r.replace(" ", "") for r in requirements}
+
+    base, gpu = bounds(project["dependencies"]), bounds(project["optional-dependencies"]["gpu"])
+    for requirements, declared in ((CPU_REQUIREMENTS, base), (GPU_REQUIREMENTS, gpu)):
+        for requirement in requirements:
+            name = re.split(r"[<>=!~]", requirement, maxsplit=1)[0].lower()
+            assert declared[name] == requirement, (declared.get(name), requirement)
+    assert "torch" not in base and gpu["torch"].startswith("torch" + TORCH_VERSION)
 
 
 def engine_imports(path) -> set[str]:

@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--progress", default="bar", choices=PROGRESS_MODES, help="bar: a progress bar on a terminal; json: machine-readable events on stdout, one JSON object per line (for a parent process); none")
     series = commands.add_parser("series", help="list the DICOM series in a folder")
     series.add_argument("folder")
+    export = commands.add_parser("export-onnx", help="write a model's ONNX graph beside its weights (which it reads from the safetensors file) and record it in the card, so that the CPU runs it without torch; needs torch and onnx")
+    export.add_argument("--model", help="model card JSON (default: the bundled model)")
     return parser
 
 
@@ -165,6 +167,16 @@ def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from .model import BUNDLED_CARD
+    from .runtime import export_onnx_graph
+
+    card_path = Path(args.model or BUNDLED_CARD)
+    card = export_onnx_graph(card_path)
+    print(f"{card_path.parent / card.onnx_file}: SHA-256 {card.onnx_sha256}, recorded in {card_path}")
+    return 0
+
+
 def _series(args: argparse.Namespace) -> int:
     from .io import list_dicom_series
 
@@ -221,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always")  # the same warning for a second input is still said
         warnings.showwarning = lambda message, *rest: _warn(str(message), events)
         try:
-            return _segment(args, events) if args.command == "segment" else _series(args)
+            command = {"segment": lambda: _segment(args, events), "series": lambda: _series(args), "export-onnx": lambda: _export_onnx(args)}
+            return command[args.command]()
         except LiverSegInputError as error:
             return _fail(f"error: {error}", EXIT_INPUT_ERROR, events)
         except KeyboardInterrupt:

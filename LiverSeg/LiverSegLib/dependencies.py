@@ -1,30 +1,54 @@
-"""What the engine needs inside 3D Slicer beyond what Slicer bundles (numpy, scipy, SimpleITK, pydicom), with
-the version bounds of ``pyproject.toml`` (``Testing/test_project.py`` keeps the two equal).
+"""What the engine needs inside 3D Slicer beyond what Slicer bundles (numpy, scipy, SimpleITK, pydicom), by
+device, with the version bounds of ``pyproject.toml`` (``Testing/test_project.py`` keeps the two equal).
 
-torch is not in the pip list: the module installs it only through the PyTorch extension's PyTorchUtils, which
-picks the build (CUDA version or CPU) that fits the computer, with torchvision beside it. Every later pip call
-names the installed torch and torchvision with their exact versions, so that pip can never re-resolve them and
-replace that build with PyPI's default one.
+On the CPU the network runs in ONNX Runtime from the graph that ships with the model: tens of MB, no torch.
+A GPU needs torch, which the module installs only through the PyTorch extension's PyTorchUtils (it picks
+the build, CUDA version or CPU, that fits the computer, with torchvision beside it), then
+segmentation-models-pytorch and safetensors. Every pip call after that names the installed torch and
+torchvision with their exact versions, so that pip can never re-resolve them and replace that build.
 """
 
 from __future__ import annotations
 
 TORCH_VERSION = ">=2.3"  # for PyTorchUtils.installTorch(torchVersionRequirement=...)
-PIP_REQUIREMENTS = {  # pip requirement → the module it provides
+CPU_REQUIREMENTS = {  # pip requirement → the module it provides
+    "onnxruntime>=1.17": "onnxruntime",
+}
+GPU_REQUIREMENTS = {  # beyond torch and torchvision (PyTorchUtils)
     "segmentation-models-pytorch>=0.5,<0.7": "segmentation_models_pytorch",
     "safetensors>=0.4": "safetensors",
-    "onnxruntime>=1.17": "onnxruntime",  # the CPU runtime (faster than torch on the CPU)
-    "onnx>=1.15": "onnx",  # to export the network for ONNX Runtime once per model
 }
 PINNED_WITH_TORCH = ("torch", "torchvision")
 
 
-def missing_modules() -> list[str]:
-    """The pip requirements (and ``torch``) whose module cannot be imported in this Python."""
+def importable(module: str) -> bool:
+    """Whether ``module`` imports here (tried for real: an installed but broken package counts as missing)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def needs_torch(device: str) -> bool:
+    """A GPU (``cuda``, ``mps``) runs the torch network; ``cpu`` and ``auto`` run ONNX Runtime unless torch
+    is already there (then ``auto`` uses a GPU it finds)."""
+    return device in ("cuda", "mps")
+
+
+def missing_modules(device: str = "cpu") -> list[str]:
+    """The pip requirements (and ``torch``) that ``device`` needs and this Python cannot import."""
     import importlib.util
 
-    missing = ["torch"] if importlib.util.find_spec("torch") is None else []
-    return missing + [requirement for requirement, module in PIP_REQUIREMENTS.items() if importlib.util.find_spec(module) is None]
+    wanted = dict(CPU_REQUIREMENTS)
+    missing = []
+    if needs_torch(device):
+        wanted.update(GPU_REQUIREMENTS)
+        if importlib.util.find_spec("torch") is None:
+            missing.append("torch")
+    return missing + [requirement for requirement, module in wanted.items() if importlib.util.find_spec(module) is None]
 
 
 def pip_arguments(requirements: list[str]) -> list[str]:

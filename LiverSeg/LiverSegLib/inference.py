@@ -1,48 +1,83 @@
-"""Running the network over the axial slices: device choice, batching, mixed precision, OOM recovery."""
+"""Running the network over the axial slices: device choice, batching, mixed precision, OOM recovery.
+
+torch is imported only where the torch runtime runs: on the CPU with ONNX Runtime (``predict_in_batches``)
+nothing here needs it, and ``choose_device_name`` tells whether a GPU could be used without importing it
+when torch is not installed.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
-import torch
+import numpy as np
 
+from .dependencies import importable
+from .errors import LiverSegInputError
 from .model import ModelCard
 from .options import DEVICES
 from .preprocessing import SliceGrid, slice_stack, to_slice_grid
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
+GPU_INSTALL_HINT = "pip install 'liverseg[gpu]' (torch with CUDA)"
 
 
-def choose_device(requested: str = "auto") -> torch.device:
-    """CUDA, then MPS, then CPU; an explicit request that the machine cannot honour is an error."""
-    from .errors import LiverSegInputError
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA driver is installed (what torch with CUDA would need), told without importing torch."""
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 
+
+def choose_device_name(requested: str = "auto") -> str:
+    """CUDA, then MPS, then CPU; an explicit request that the machine cannot honour is an error. Without
+    torch only the CPU (ONNX Runtime) can run: ``auto`` says once how to use a GPU that is there."""
     if requested not in DEVICES:
         raise LiverSegInputError(f"unknown device '{requested}', choose one of {', '.join(DEVICES)}")
+    if requested == "cpu" or (requested == "auto" and not nvidia_gpu_present() and sys.platform != "darwin"):
+        return "cpu"  # no GPU that torch could use: decided without importing torch (a second of start-up)
+    if not importable("torch"):
+        if requested in ("cuda", "mps"):
+            raise LiverSegInputError(f"--device {requested} needs torch, which is not installed: {GPU_INSTALL_HINT}")
+        if requested == "auto" and nvidia_gpu_present():
+            warnings.warn(f"an NVIDIA GPU is present but torch is not installed, so LiverSeg runs on the CPU; to use the GPU: {GPU_INSTALL_HINT}")
+        return "cpu"
+    import torch
+
     cuda_ok = torch.cuda.is_available()
     mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if requested == "auto":
-        return torch.device("cuda" if cuda_ok else "mps" if mps_ok else "cpu")
+        return "cuda" if cuda_ok else "mps" if mps_ok else "cpu"
     if requested == "cuda" and not cuda_ok:
         raise LiverSegInputError("--device cuda was asked for but no CUDA GPU is available (torch sees none)")
     if requested == "mps" and not mps_ok:
         raise LiverSegInputError("--device mps was asked for but Apple MPS is not available")
-    return torch.device(requested)
+    return requested
+
+
+def choose_device(requested: str = "auto"):
+    """``choose_device_name`` as a ``torch.device`` (training and the torch runtime)."""
+    import torch
+
+    return torch.device(choose_device_name(requested))
 
 
 CUDA_MAX_BATCH = 64
 
 
-def default_batch_size(device: torch.device, card: ModelCard) -> int:
+def default_batch_size(device, card: ModelCard) -> int:
     """Slices per batch: 16 on the CPU; on CUDA at most 64, fewer when half the free GPU memory cannot
     hold them at a conservative 6 MB per 128² slice (out-of-memory still halves the batch).
 
     64 is the fastest batch measured on an H100, for the 192-px and the 128-px model alike, and the GPU
     memory it takes there is small (benchmarks/README.md).
     """
+    import torch
+
+    device = torch.device(device)
     if device.type != "cuda":
         return 16
     free_bytes, _ = torch.cuda.mem_get_info(device)
@@ -50,7 +85,9 @@ def default_batch_size(device: torch.device, card: ModelCard) -> int:
     return int(max(1, min(CUDA_MAX_BATCH, 0.5 * free_bytes // per_slice_bytes)))
 
 
-def _forward(network: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _forward(network, batch, device):
+    import torch
+
     batch = batch.contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
         with torch.autocast("cuda", dtype=torch.float16):
@@ -58,38 +95,68 @@ def _forward(network: torch.nn.Module, batch: torch.Tensor, device: torch.device
     return torch.sigmoid(network(batch))
 
 
-def predict_probabilities(
-    network: torch.nn.Module,
-    volume: torch.Tensor,
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Overflow-free logistic function in float32."""
+    return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32, copy=False)
+
+
+def predict_in_batches(
+    run_batch: Callable[[np.ndarray], np.ndarray],
+    volume: np.ndarray,
     card: ModelCard,
-    device: torch.device,
+    batch_size: int = 16,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """Sigmoid probabilities (Z, channels, n, n) float32 from a network that maps a (B, C, n, n) float32 batch
+    of 2.5D stacks to logits: the torch-free path (ONNX Runtime on the CPU)."""
+    total = volume.shape[0]
+    output = np.empty((total, len(card.channels), volume.shape[1], volume.shape[2]), dtype=np.float32)
+    for start in range(0, total, batch_size):
+        indices = np.arange(start, min(start + batch_size, total))
+        batch = np.ascontiguousarray(slice_stack(volume, indices, card.context_slices), dtype=np.float32)
+        output[start : start + len(indices)] = sigmoid(run_batch(batch))
+        if progress is not None:
+            progress(start + len(indices), total)
+    return output
+
+
+def predict_probabilities(
+    network,
+    volume,
+    card: ModelCard,
+    device,
     batch_size: int | None = None,
     progress: ProgressCallback | None = None,
-) -> tuple[torch.Tensor, torch.device]:
-    """Sigmoid probabilities (Z, channels, n, n) on the model grid, float32 on the CPU.
+):
+    """Sigmoid probabilities (Z, channels, n, n) on the model grid, float32 numpy, from a torch network.
 
     CUDA out-of-memory halves the batch and retries; at batch 1 it falls back to the CPU with a
     warning. Returns the device that actually did the work.
     """
+    import torch
+
+    device = torch.device(device)
+    volume = torch.as_tensor(volume)
     batch_size = batch_size or default_batch_size(device, card)
     total = volume.shape[0]
     network = network.eval()
-    volume_on_device: torch.Tensor | None = None  # moved inside the loop: the move itself can run out of memory
-    output = torch.empty((total, len(card.channels), volume.shape[1], volume.shape[2]), dtype=torch.float32)
+    volume_on_device = None  # moved inside the loop: the move itself can run out of memory
+    output = np.empty((total, len(card.channels), volume.shape[1], volume.shape[2]), dtype=np.float32)
     start = 0
     with torch.inference_mode():
         while start < total:
             try:
                 if volume_on_device is None:
-                    # Channels-last (NHWC) convolutions: faster than NCHW on the CPU (benchmarks/README.md),
-                    # and the layout tensor cores want under autocast. Converted
-                    # outside inference mode: parameters made inside it could not be trained any more
-                    # (validation runs this on the network being trained).
+                    # Channels-last (NHWC) convolutions: faster on the CPU (benchmarks/README.md), and the
+                    # layout tensor cores want under autocast. Converted outside inference mode: parameters
+                    # made inside it could not be trained any more (validation runs this on the network
+                    # being trained).
                     with torch.inference_mode(False):
                         network = network.to(device, memory_format=torch.channels_last)
                     volume_on_device = volume.to(device)
-                indices = torch.arange(start, min(start + batch_size, total), device=device)
-                probabilities = _forward(network, slice_stack(volume_on_device, indices, card.context_slices), device)
+                indices = np.arange(start, min(start + batch_size, total))
+                stacks = slice_stack(volume_on_device, indices, card.context_slices)
+                probabilities = _forward(network, stacks.float(), device)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 if batch_size > 1 and volume_on_device is not None:
@@ -101,7 +168,7 @@ def predict_probabilities(
                 device, volume_on_device = torch.device("cpu"), None
                 batch_size = default_batch_size(device, card)
                 continue
-            output[start : start + len(indices)] = probabilities.float().cpu()
+            output[start : start + len(indices)] = probabilities.float().cpu().numpy()
             start += len(indices)
             if progress is not None:
                 progress(start, total)
@@ -109,16 +176,16 @@ def predict_probabilities(
 
 
 def probabilities_to_masks(
-    probabilities: torch.Tensor, grid: SliceGrid, threshold: float, chunk_slices: int = 16
-) -> torch.Tensor:
+    probabilities: np.ndarray, grid: SliceGrid, threshold: float, chunk_slices: int = 16
+) -> np.ndarray:
     """(Z, channels, n, n) model-grid probabilities → (Z, channels, rows, cols) bool masks on the slice grid.
 
     Works in chunks so that full-resolution float maps never exist for the whole volume at once, and
     only on slices where some probability reaches the threshold: bilinear upsampling is a convex
     combination, so a slice below it everywhere stays empty (a third or more of a CT's slices).
     """
-    masks = torch.zeros((probabilities.shape[0], probabilities.shape[1], grid.rows, grid.cols), dtype=torch.bool)
-    occupied = torch.nonzero(probabilities.amax(dim=(1, 2, 3)) >= threshold).flatten()
+    masks = np.zeros((probabilities.shape[0], probabilities.shape[1], grid.rows, grid.cols), dtype=bool)
+    occupied = np.flatnonzero(probabilities.max(axis=(1, 2, 3)) >= threshold)
     for start in range(0, len(occupied), chunk_slices):
         indices = occupied[start : start + chunk_slices]
         masks[indices] = to_slice_grid(probabilities[indices], grid) >= threshold

@@ -38,6 +38,10 @@ class ModelCard:
     lesions_validated: bool = False
     weights_file: str = "liverseg.safetensors"
     weights_sha256: str = ""
+    # The network as an ONNX graph whose weights are read from ``weights_file`` itself (external data):
+    # ONNX Runtime runs it without torch, and the repository keeps one copy of the weights.
+    onnx_file: str = ""
+    onnx_sha256: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     schema_version: int = CARD_SCHEMA_VERSION
@@ -116,14 +120,25 @@ def verify_model(card_path: str | Path = BUNDLED_CARD) -> tuple[ModelCard, Path]
     card_path = Path(card_path)
     card = read_card(card_path)
     weights_path = card_path.parent / card.weights_file
-    if not weights_path.is_file():
-        raise ModelIntegrityError(f"model weights not found: {weights_path}")
-    actual = sha256_of(weights_path)
-    if actual != card.weights_sha256:
-        raise ModelIntegrityError(
-            f"model weights {weights_path.name} fail their SHA-256 check (card {card.weights_sha256[:12]}…, file {actual[:12]}…)"
-        )
+    _check_file(weights_path, card.weights_sha256, "model weights")
     return card, weights_path
+
+
+def verify_onnx(card: ModelCard, card_path: str | Path) -> Path | None:
+    """The card's ONNX graph once its SHA-256 matches (None when the card has none)."""
+    if not card.onnx_file:
+        return None
+    onnx_path = Path(card_path).parent / card.onnx_file
+    _check_file(onnx_path, card.onnx_sha256, "model graph")
+    return onnx_path
+
+
+def _check_file(path: Path, expected_sha256: str, what: str) -> None:
+    if not path.is_file():
+        raise ModelIntegrityError(f"{what} not found: {path}")
+    actual = sha256_of(path)
+    if actual != expected_sha256:
+        raise ModelIntegrityError(f"{what} {path.name} fails its SHA-256 check (card {expected_sha256[:12]}…, file {actual[:12]}…)")
 
 
 def load_model(card_path: str | Path = BUNDLED_CARD):

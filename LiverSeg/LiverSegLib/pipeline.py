@@ -1,4 +1,7 @@
-"""The engine's one entry point: a CT image in, a label map on the same voxel grid out."""
+"""The engine's one entry point: a CT image in, a label map on the same voxel grid out.
+
+On the CPU with ONNX Runtime and a model that ships its ONNX graph, nothing on this path imports torch.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from .geometry import canonical_transform
-from .inference import ProgressCallback, choose_device, predict_probabilities, probabilities_to_masks
+from .inference import ProgressCallback, choose_device_name, predict_in_batches, predict_probabilities, probabilities_to_masks
 from .model import BUNDLED_CARD, ModelCard
 from .postprocessing import LIVER, compose_label_map, lesion_volumes_ml
 from .preprocessing import SliceGrid, prepare_volume
 from .qc import qc_warnings
-from .runtime import OnnxRuntimeNetwork, load_runtime_network
+from .runtime import load_runtime_network
+
+CPU_BATCH = 16
 
 
 @dataclass
@@ -35,7 +39,7 @@ class SegmentationResult:
     lesions_validated: bool
     timings_s: dict[str, float] = field(default_factory=dict)
     runtime: str = "torch"  # what ran the network: torch or onnxruntime
-    probabilities: torch.Tensor | None = None  # (Z, channels, n, n) canonical model grid, when kept
+    probabilities: np.ndarray | None = None  # (Z, channels, n, n) float32 on the canonical model grid, when kept
     qc_warnings: list[str] = field(default_factory=list)  # plausibility warnings (qc.py)
 
 
@@ -44,23 +48,26 @@ def voxel_volume_ml(image: sitk.Image) -> float:
 
 
 class LiverSegmenter:
-    """Holds a verified model on its device so that many volumes reuse one load."""
+    """Holds a verified model on its device so that many volumes reuse one load.
+
+    ``card`` and ``network`` (a torch network) are given by training, to evaluate the network it holds."""
 
     def __init__(
         self,
         card_path: str | Path = BUNDLED_CARD,
         device: str = "auto",
         card: ModelCard | None = None,
-        network: torch.nn.Module | None = None,
+        network=None,
         runtime: str = "auto",
     ):
-        self.device = choose_device(device)
+        self.device = choose_device_name(device)
         if network is None:
-            card, network = load_runtime_network(card_path, self.device, runtime)
+            card, network, self.runtime = load_runtime_network(card_path, self.device, runtime)
+        else:
+            self.runtime = "torch"
         assert card is not None
         self.card = card
-        self.network = network.to(self.device).eval()
-        self.runtime = "onnxruntime" if isinstance(network, OnnxRuntimeNetwork) else "torch"
+        self.network = network.to(self.device).eval() if self.runtime == "torch" else network
 
     def segment(
         self,
@@ -84,12 +91,16 @@ class LiverSegmenter:
         ct_canonical = transform.to_canonical(sitk.GetArrayViewFromImage(image))
         volume = prepare_volume(ct_canonical, self.card.window_hu, self.card.input_size)
         lap("preprocess")
-        probabilities, used_device = predict_probabilities(
-            self.network, volume, self.card, self.device, batch_size=batch_size, progress=progress
-        )
+        if self.runtime == "onnxruntime":
+            probabilities = predict_in_batches(self.network, volume, self.card, batch_size or CPU_BATCH, progress)
+            used_device = "cpu"
+        else:
+            probabilities, used_device = predict_probabilities(
+                self.network, volume, self.card, self.device, batch_size=batch_size, progress=progress
+            )
         lap("network")
         grid = SliceGrid(ct_canonical.shape[1], ct_canonical.shape[2])
-        masks = probabilities_to_masks(probabilities, grid, self.card.threshold).numpy()
+        masks = probabilities_to_masks(probabilities, grid, self.card.threshold)
         liver, lesion = masks[:, 0], (masks[:, 1] if lesions else None)
         label_canonical = compose_label_map(liver, lesion, keep_largest=postprocess, fill=postprocess)
         lap("postprocess")

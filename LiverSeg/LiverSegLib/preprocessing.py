@@ -1,18 +1,22 @@
-"""The one preprocessing of the project, shared by training and inference.
+"""The one preprocessing of the project, shared by training and inference, in numpy (no torch).
 
 A canonical (S, P, L) CT in HU becomes a stack of windowed axial slices on the model's square grid:
 clip to the intensity window, scale to [0, 1], pad each slice to a square (air), resize with
 anti-aliasing. Training caches exactly this output; inference feeds it to the network and maps the
 probabilities back with ``to_slice_grid``, the exact inverse of the pad-and-resize.
+
+Resizing is separable, so each axis is one small matrix (``resize_weights``): a slice is resized by two
+matrix products. The weights are those of torch's ``F.interpolate(mode="bilinear", align_corners=False)``,
+with and without ``antialias`` (the tests compare both to torch on real CT), so the bundled model, trained
+with torch's resizing, sees the same input; the CPU engine then runs without torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -31,69 +35,118 @@ class SliceGrid:
         return (self.side - self.rows) // 2, (self.side - self.cols) // 2
 
 
-def window_hu(ct_hu: torch.Tensor, window_hu: tuple[float, float]) -> torch.Tensor:
+@lru_cache(maxsize=32)
+def resize_weights(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
+    """(out_size, in_size) float32 matrix of 1-D bilinear resampling, half-pixel centres (align_corners=False).
+
+    With ``antialias`` the triangle filter is stretched by the scale when shrinking (as in PIL and torch's
+    antialiased bilinear): every input pixel contributes, so thin structures are averaged, not skipped.
+    Without it, plain bilinear interpolation between the two nearest pixels (edges clamped).
+    """
+    scale = in_size / out_size
+    weights = np.zeros((out_size, in_size), np.float64)
+    if antialias:
+        support = scale if scale >= 1.0 else 1.0
+        inverse_scale = 1.0 / scale if scale >= 1.0 else 1.0
+        for i in range(out_size):
+            centre = scale * (i + 0.5)
+            first = max(int(centre - support + 0.5), 0)
+            last = min(int(centre + support + 0.5), in_size)
+            taps = np.arange(first, last)
+            triangle = np.clip(1.0 - np.abs((taps - centre + 0.5) * inverse_scale), 0.0, None)
+            weights[i, first:last] = triangle / triangle.sum()
+    else:
+        source = np.maximum(scale * (np.arange(out_size) + 0.5) - 0.5, 0.0)
+        lower = np.minimum(source.astype(np.int64), in_size - 1)
+        upper = np.minimum(lower + 1, in_size - 1)
+        fraction = source - lower
+        rows = np.arange(out_size)
+        np.add.at(weights, (rows, lower), 1.0 - fraction)
+        np.add.at(weights, (rows, upper), fraction)
+    return weights.astype(np.float32)
+
+
+def _separable(slices: np.ndarray, row_weights: np.ndarray, col_weights: np.ndarray) -> np.ndarray:
+    """row_weights @ slice @ col_weightsᵀ for every 2-D slice of (..., rows, cols), as two large matrix
+    products (numpy's stacked matmul would loop over the slices without BLAS)."""
+    *lead, rows, cols = slices.shape
+    count = int(np.prod(lead, dtype=np.int64))
+    along_cols = np.asarray(slices, dtype=np.float32).reshape(count * rows, cols) @ col_weights.T  # (count·rows, cols_out)
+    cols_out = col_weights.shape[0]
+    by_rows = along_cols.reshape(count, rows, cols_out).transpose(1, 0, 2).reshape(rows, count * cols_out)
+    resized = row_weights @ by_rows  # (rows_out, count·cols_out)
+    return np.ascontiguousarray(resized.reshape(row_weights.shape[0], count, cols_out).transpose(1, 0, 2)).reshape(*lead, row_weights.shape[0], cols_out)
+
+
+def resize_slices(slices: np.ndarray, rows_out: int, cols_out: int, antialias: bool) -> np.ndarray:
+    """(..., rows, cols) float32 → (..., rows_out, cols_out), each 2-D slice resized on its own."""
+    return _separable(slices, resize_weights(slices.shape[-2], rows_out, antialias), resize_weights(slices.shape[-1], cols_out, antialias))
+
+
+def window_hu(ct_hu: np.ndarray, window_hu: tuple[float, float]) -> np.ndarray:
     """Clip to the window and scale to [0, 1]; values outside the window carry no liver contrast."""
     low, high = window_hu
-    return ((ct_hu.float() - low) / (high - low)).clamp_(0.0, 1.0)
+    scaled = (np.asarray(ct_hu, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 
-def to_model_grid(slices: torch.Tensor, input_size: int, pad_value: float = 0.0) -> torch.Tensor:
-    """(Z, C?, rows, cols) → (Z, C?, input_size, input_size): pad to a square, then resize."""
-    squeeze = slices.dim() == 3
-    batch = slices.unsqueeze(1) if squeeze else slices
-    grid = SliceGrid(batch.shape[-2], batch.shape[-1])
+def to_model_grid(slices: np.ndarray, input_size: int, pad_value: float = 0.0) -> np.ndarray:
+    """(..., rows, cols) → (..., input_size, input_size) float32: pad to a square, then resize (antialiased)."""
+    grid = SliceGrid(slices.shape[-2], slices.shape[-1])
     top, left = grid.offset
-    padded = F.pad(
-        batch.float(),
-        (left, grid.side - grid.cols - left, top, grid.side - grid.rows - top),
-        value=pad_value,
-    )
-    if grid.side != input_size:
-        padded = F.interpolate(padded, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
-    return padded[:, 0] if squeeze else padded
+    padding = [(0, 0)] * (slices.ndim - 2) + [(top, grid.side - grid.rows - top), (left, grid.side - grid.cols - left)]
+    padded = np.pad(np.asarray(slices, dtype=np.float32), padding, constant_values=pad_value)
+    if grid.side == input_size:
+        return padded
+    return resize_slices(padded, input_size, input_size, antialias=True)
 
 
-def to_slice_grid(model_grid: torch.Tensor, grid: SliceGrid) -> torch.Tensor:
-    """Inverse of ``to_model_grid`` for (B, C, n, n) maps: resize to the padded square, crop the slice."""
-    resized = model_grid
-    if model_grid.shape[-1] != grid.side:
-        resized = F.interpolate(model_grid, size=(grid.side, grid.side), mode="bilinear", align_corners=False)
+def to_slice_grid(model_grid: np.ndarray, grid: SliceGrid) -> np.ndarray:
+    """Inverse of ``to_model_grid`` for (..., n, n) maps: resize to the padded square, crop the slice.
+
+    Only the rows and columns of the slice are computed (the crop is taken from the resize matrices)."""
     top, left = grid.offset
-    return resized[..., top : top + grid.rows, left : left + grid.cols]
+    model_grid = np.asarray(model_grid, dtype=np.float32)
+    if model_grid.shape[-1] == grid.side:
+        return model_grid[..., top : top + grid.rows, left : left + grid.cols]
+    row_weights = resize_weights(model_grid.shape[-2], grid.side, False)[top : top + grid.rows]
+    col_weights = resize_weights(model_grid.shape[-1], grid.side, False)[left : left + grid.cols]
+    return _separable(model_grid, row_weights, col_weights)
 
 
 def prepare_volume(
     ct_canonical_hu: np.ndarray, window: tuple[float, float], input_size: int, chunk_slices: int = 32
-) -> torch.Tensor:
+) -> np.ndarray:
     """Canonical CT (Z, rows, cols) in HU → (Z, input_size, input_size) float32 in [0, 1].
 
     Slice by slice in chunks: every step is per slice, so the result is the same as on the whole volume,
-    but the full-resolution float copies (three of them, 300 MB each for 300 slices of 512²) never exist.
+    but the full-resolution float copies (300 MB each for 300 slices of 512²) never exist at once.
     """
     depth = ct_canonical_hu.shape[0]
-    volume = torch.empty((depth, input_size, input_size), dtype=torch.float32)
+    volume = np.empty((depth, input_size, input_size), dtype=np.float32)
     for start in range(0, depth, chunk_slices):
-        chunk = torch.from_numpy(np.array(ct_canonical_hu[start : start + chunk_slices], dtype=np.float32, order="C"))
+        chunk = ct_canonical_hu[start : start + chunk_slices]
         volume[start : start + len(chunk)] = to_model_grid(window_hu(chunk, window), input_size)
     return volume
 
 
-def prepare_label(label_canonical: np.ndarray, input_size: int) -> torch.Tensor:
+def prepare_label(label_canonical: np.ndarray, input_size: int) -> np.ndarray:
     """Label map (Z, rows, cols) with 0/1/2 → (Z, 2, n, n) uint8 masks: liver (incl. lesion), lesion.
 
     Masks are area-averaged onto the model grid and thresholded at one half, so a structure keeps its
     size at the lower resolution instead of being eroded or dilated by nearest-neighbour picking.
     """
-    label = torch.from_numpy(np.array(label_canonical, order="C"))
-    masks = torch.stack([label >= 1, label == 2], dim=1).float()
-    return (to_model_grid(masks, input_size) >= 0.5).to(torch.uint8)
+    label = np.asarray(label_canonical)
+    masks = np.stack([label >= 1, label == 2], axis=1).astype(np.float32)
+    return (to_model_grid(masks, input_size) >= 0.5).astype(np.uint8)
 
 
-def slice_stack(volume: torch.Tensor, indices: torch.Tensor, context_slices: int) -> torch.Tensor:
+def slice_stack(volume, indices, context_slices: int):
     """(Z, n, n) volume → (B, 2·context+1, n, n): each slice with its neighbours (2.5D input).
 
-    Neighbours beyond the first/last slice repeat the edge slice.
+    Neighbours beyond the first/last slice repeat the edge slice. ``volume`` may be a numpy array or a
+    torch tensor (training), ``indices`` any integer sequence.
     """
-    offsets = torch.arange(-context_slices, context_slices + 1, device=indices.device)
-    neighbour_indices = (indices[:, None] + offsets[None, :]).clamp_(0, volume.shape[0] - 1)
-    return volume[neighbour_indices]
+    offsets = np.arange(-context_slices, context_slices + 1)
+    neighbours = np.clip(np.asarray(indices, dtype=np.int64)[:, None] + offsets[None, :], 0, volume.shape[0] - 1)
+    return volume[neighbours]

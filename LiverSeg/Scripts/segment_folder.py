@@ -60,7 +60,7 @@ def main(argv):
 
     logic = LiverSeg.LiverSegLogic()
     try:
-        logic.ensureDependencies(askConfirmation=False)
+        logic.ensureDependencies(args.device, askConfirmation=False)
     except Exception as error:  # a failed install: one line, not a traceback
         print(f"error: the Python packages LiverSeg needs could not be installed: {error}")
         return 2

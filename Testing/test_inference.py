@@ -1,0 +1,47 @@
+"""Inference apart from any trained weights: the torch-free batch loop, sigmoid, device choice, and the
+mapping of model-grid probabilities to masks on the slice grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from LiverSegLib.errors import LiverSegInputError
+from LiverSegLib.inference import choose_device_name, predict_in_batches, probabilities_to_masks, sigmoid
+from LiverSegLib.model import ModelCard
+from LiverSegLib.preprocessing import SliceGrid, to_slice_grid
+
+
+def test_sigmoid_by_hand_and_without_overflow():
+    values = sigmoid(np.array([-1000.0, -np.log(3), 0.0, np.log(3), 1000.0], np.float32))
+    assert np.allclose(values, [0.0, 0.25, 0.5, 0.75, 1.0]) and values.dtype == np.float32
+
+
+def test_batches_give_each_slice_its_neighbours_and_report_progress():
+    """A 'network' that returns its three input channels as logits: the probabilities show which
+    neighbours each slice was given (edges repeated), and progress reaches the total."""
+    card = ModelCard(context_slices=1, channels=("liver", "liver_lesion", "third"))
+    volume = np.broadcast_to(np.arange(5, dtype=np.float32)[:, None, None], (5, 2, 2)).copy() / 10
+    progress = []
+    probabilities = predict_in_batches(lambda batch: batch, volume, card, batch_size=2, progress=lambda d, t: progress.append((d, t)))
+    given = np.log(probabilities[:, :, 0, 0] / (1 - probabilities[:, :, 0, 0]))  # back through the sigmoid
+    assert np.allclose(given, np.array([[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]) / 10, atol=1e-5)
+    assert progress == [(2, 5), (4, 5), (5, 5)]
+
+
+def test_device_names():
+    assert choose_device_name("cpu") == "cpu"
+    assert choose_device_name("auto") in ("cpu", "cuda", "mps")
+    with pytest.raises(LiverSegInputError, match="unknown device 'tpu'"):
+        choose_device_name("tpu")
+
+
+def test_masks_from_probabilities_skip_empty_slices_exactly():
+    """Slices whose model-grid probabilities stay below the threshold are skipped; the rest equal a
+    plain full-volume upsampling, and a slice just under the threshold everywhere stays empty."""
+    probabilities = np.random.default_rng(0).random((7, 2, 16, 16), dtype=np.float32)
+    probabilities[[1, 4]] *= 0.49 / probabilities[[1, 4]].max()  # under 0.5 everywhere
+    grid = SliceGrid(40, 52)
+    masks = probabilities_to_masks(probabilities, grid, 0.5, chunk_slices=2)
+    assert np.array_equal(masks, to_slice_grid(probabilities, grid) >= 0.5)
+    assert not masks[[1, 4]].any() and masks[[0, 2, 3, 5, 6]].reshape(5, -1).any(1).all()

@@ -1,0 +1,50 @@
+"""The engine's entry point (``LiverSegmenter.segment``) on a real CT: what a result holds and how its
+switches act. Geometry in every orientation is tested in test_geometry.py, the runtimes in test_runtime.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from conftest import read_case
+
+CASE = "totalseg_example_sm_MODEL"  # small (122×101×30) and whole in the field of view but cut at the slices
+
+
+def test_result_figures_are_what_the_label_map_holds(data_root, segmenter):
+    ct, _ = read_case(data_root, CASE)
+    progress = []
+    result = segmenter.segment(ct, progress=lambda done, total: progress.append((done, total)), keep_probabilities=True)
+    label = sitk.GetArrayFromImage(result.label_image)
+    voxel_ml = float(np.prod(ct.GetSpacing())) / 1000
+    assert result.label_image.GetSize() == ct.GetSize() and set(np.unique(label)) <= {0, 1, 2}
+    assert result.liver_ml == np.count_nonzero(label >= 1) * voxel_ml
+    assert result.lesion_ml == sum(result.lesion_volumes_ml)
+    assert abs(result.lesion_ml - np.count_nonzero(label == 2) * voxel_ml) < 1e-6
+    assert result.lesion_count == len(result.lesion_volumes_ml)
+    assert progress[-1] == (30, 30) and [d for d, _ in progress] == sorted(d for d, _ in progress)
+    assert result.probabilities.shape == (30, 2, segmenter.card.input_size, segmenter.card.input_size)
+    assert result.probabilities.dtype == np.float32 and 0 <= result.probabilities.min() and result.probabilities.max() <= 1
+    assert set(result.timings_s) == {"preprocess", "network", "postprocess", "to_input_grid", "lesion_count"}
+    assert (result.device, result.runtime) == ("cpu", "onnxruntime")
+    assert result.qc_warnings == ["the liver reaches the first or last slice: part of it may lie outside the scan, so its volume is understated"]
+
+
+def test_lesions_off_gives_no_lesion_label_and_no_count(data_root, segmenter):
+    ct, _ = read_case(data_root, CASE)
+    result = segmenter.segment(ct, lesions=False)
+    assert result.lesion_count is None and result.lesion_volumes_ml == [] and result.lesion_ml == 0
+    assert 2 not in np.unique(sitk.GetArrayViewFromImage(result.label_image))
+
+
+def test_post_processing_is_the_largest_component_with_holes_filled(data_root, segmenter):
+    """With post-processing the organ (liver and lesions) is exactly the largest 26-connected component
+    of the network's own output with its holes filled; without it the output is left as it is."""
+    from LiverSegLib.postprocessing import fill_holes, largest_component
+
+    ct, _ = read_case(data_root, CASE)
+    cleaned = sitk.GetArrayFromImage(segmenter.segment(ct).label_image) >= 1
+    raw = sitk.GetArrayFromImage(segmenter.segment(ct, postprocess=False).label_image) >= 1
+    assert np.array_equal(cleaned, fill_holes(largest_component(raw)))
+    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(raw.astype(np.uint8)), True))
+    print(f"\nthe network's output has {components.max()} components; post-processing keeps one")

@@ -1,0 +1,113 @@
+"""Training (LiverSegTraining/train.py) on real cases: a two-cycle run that exports a loadable model
+and its plots, exact resume, and its steps on their own: the learning rate of each cycle, the best
+checkpoint kept and the last one restored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from LiverSegLib.pipeline import LiverSegmenter
+from LiverSegTraining.cli import train_main
+from LiverSegTraining.config import TrainConfig, load_config
+from LiverSegTraining.data import prepare_case
+from LiverSegTraining.sources import discover
+from LiverSegTraining.train import TrainingState, build, checkpoint, restore, run_epoch, seed_everything, train
+
+from conftest import read_case, tiny_config
+
+CPU = torch.device("cpu")
+
+
+def test_two_cycle_training_exports_a_loadable_model_and_plots(data_root, tmp_path):
+    output = tmp_path / "run"
+    overrides = tiny_config(tmp_path, data_root)
+    argv = ["LiverSegTraining/configs/bundled.toml", "--output", str(output)]
+    for override in overrides:
+        argv += ["--set", override]
+    from conftest import PROJECT_ROOT
+
+    argv[0] = str(PROJECT_ROOT / argv[0])
+    assert train_main(argv) == 0
+    history = json.loads((output / "final" / "history.json").read_text(encoding="utf-8"))
+    assert [(h["cycle"], h["epoch"]) for h in history] == [(0, 0), (1, 0)]
+    # The learning rate restarts at the cycle boundary: both epochs end at the same point of the cosine.
+    assert history[0]["lr"] == pytest.approx(history[1]["lr"])
+    for plot in ("loss.png", "dice.png", "panel_totalseg_example_dicom_MODEL.png"):
+        assert (output / "final" / plot).stat().st_size > 5000, plot
+    card_path = output / "model" / "liverseg.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    assert card["input_size"] == 64 and len(card["weights_sha256"]) == 64
+    assert {c["case"] for c in card["training"]["cases"]} == {"dcmqi_ct3slice", "totalseg_example_sm_MODEL"}
+    ct, _ = read_case(data_root, "dcmqi_ct3slice")
+    result = LiverSegmenter(card_path, device="cpu").segment(ct)
+    assert result.label_image.GetSize() == ct.GetSize()
+
+
+def test_resume_continues_exactly(data_root, tmp_path):
+    overrides = tiny_config(tmp_path, data_root, ["split.val=[]"])
+    config = load_config(None, overrides)
+    card = config.card()
+    cases = [c for c in discover("cases", data_root / "cases") if c.name in ("dcmqi_ct3slice", "totalseg_example_sm_MODEL")]
+    prepared = [prepare_case(c, card, tmp_path / "cache") for c in cases]
+    straight = train(config, prepared, [], tmp_path / "straight")
+    train(config, prepared, [], tmp_path / "interrupted", max_epochs=1)
+    resumed = train(config, prepared, [], tmp_path / "interrupted", resume=True)
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in straight.history]
+    for name, tensor in straight.network.state_dict().items():
+        assert torch.equal(tensor, resumed.network.state_dict()[name]), name
+
+
+def tiny_state(tmp_path: Path, data_root: Path, extra: list[str]) -> tuple[TrainConfig, TrainingState]:
+    """A freshly built run of the tiny config on the smallest real case (30 slices), without validation."""
+    config = load_config(None, tiny_config(tmp_path, data_root, ["split.val=[]", *extra]))
+    (case,) = [c for c in discover("cases", data_root / "cases") if c.name == "totalseg_example_sm_MODEL"]
+    prepared = prepare_case(case, config.card(), tmp_path / "cache")
+    return config, build(config, [prepared], CPU, seed_everything(config.seed))
+
+
+def test_each_cycle_starts_at_the_maximum_learning_rate(data_root, tmp_path):
+    """Cosine warm restarts over cycles of two epochs of two steps: every cycle's first epoch trains from
+    schedule.lr, its second from halfway down the cosine, the mean of schedule.lr and schedule.min_lr."""
+    config, state = tiny_state(tmp_path, data_root, ["schedule.epochs_per_cycle=2", "schedule.batch_size=2"])
+    top, middle = config.schedule.lr, (config.schedule.lr + config.schedule.min_lr) / 2
+    lr_at_epoch_start = []
+    for _ in range(4):  # two cycles
+        lr_at_epoch_start.append(state.lr)
+        run_epoch(state, config, [])
+    assert lr_at_epoch_start == pytest.approx([top, middle, top, middle], rel=1e-9)
+    assert [(r.cycle, r.epoch) for r in state.history] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # An epoch records the LR it ends with: a cycle's last epoch ends on the restart.
+    assert [r.lr for r in state.history] == pytest.approx([middle, top, middle, top], rel=1e-9)
+
+
+def test_checkpoint_keeps_the_best_epoch_and_restore_continues_from_the_last(data_root, tmp_path):
+    """best.pt changes only when an epoch beats every earlier one; restore puts a fresh run exactly where
+    checkpoint_last.pt left the latest one (weights, optimizer moments, LR, sampling RNG, history, position)."""
+    # Three-epoch cycles: after two epochs the LR is mid-cycle, unlike a freshly built run's.
+    config, state = tiny_state(tmp_path, data_root, ["schedule.epochs_per_cycle=3", "schedule.batch_size=2"])
+    output = tmp_path / "run"
+    output.mkdir()
+    run_epoch(state, config, [])
+    checkpoint(state, 0.6, output)
+    best = {name: tensor.clone() for name, tensor in state.network.state_dict().items()}
+    run_epoch(state, config, [])
+    checkpoint(state, 0.4, output)
+    kept = torch.load(output / "best.pt", weights_only=True)
+    assert state.best_score == 0.6 and all(torch.equal(kept[name], best[name]) for name in best)
+    assert not all(torch.equal(state.network.state_dict()[name], best[name]) for name in best)
+    fresh = build(config, state.sampler.cases, CPU, seed_everything(config.seed + 1))
+    assert not restore(fresh, tmp_path / "no-run")
+    assert restore(fresh, output)
+    assert (fresh.next_epoch, fresh.best_score, fresh.lr) == (2, 0.6, state.lr) and state.lr < config.schedule.lr
+    assert fresh.scheduler.state_dict() == state.scheduler.state_dict()
+    moments = [s["exp_avg_sq"] for s in state.optimizer.state_dict()["state"].values()]
+    restored = [s["exp_avg_sq"] for s in fresh.optimizer.state_dict()["state"].values()]
+    assert len(restored) == len(moments) > 0 and all(torch.equal(a, b) for a, b in zip(moments, restored))
+    assert [r.train_loss for r in fresh.history] == [r.train_loss for r in state.history]
+    assert torch.equal(fresh.generator.get_state(), state.generator.get_state())
+    for name, tensor in state.network.state_dict().items():
+        assert torch.equal(tensor, fresh.network.state_dict()[name]), name
