@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from LiverSegLib.errors import LiverSegInputError
 from LiverSegLib.geometry import canonical_transform
 from LiverSegLib.model import ModelCard, save_model
+from LiverSegLib.runtime import export_onnx_graph
 from LiverSegLib.pipeline import LiverSegmenter
 
 from .config import TrainConfig, expand
@@ -102,6 +103,7 @@ def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], ou
     card.evaluation = evaluation
     card_path = output_dir / "model" / "liverseg.json"
     save_model(result.network, card, card_path)
+    export_onnx_graph(card_path)  # the graph the CPU runs without torch, reading these weights
     return card_path
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,9 +43,14 @@ def test_two_cycle_training_exports_a_loadable_model_and_plots(data_root, tmp_pa
     card = json.loads(card_path.read_text(encoding="utf-8"))
     assert card["input_size"] == 64 and len(card["weights_sha256"]) == 64
     assert {c["case"] for c in card["training"]["cases"]} == {"dcmqi_ct3slice", "totalseg_example_sm_MODEL"}
+    assert card["onnx_file"] == "liverseg.onnx" and len(card["onnx_sha256"]) == 64  # the graph for the CPU, torch-free
     ct, _ = read_case(data_root, "dcmqi_ct3slice")
-    result = LiverSegmenter(card_path, device="cpu").segment(ct)
+    segmenter = LiverSegmenter(card_path, device="cpu")
+    assert segmenter.runtime == "onnxruntime"
+    with_torch = LiverSegmenter(card_path, device="cpu", runtime="torch")
+    result = segmenter.segment(ct, keep_probabilities=True)
     assert result.label_image.GetSize() == ct.GetSize()
+    assert np.abs(result.probabilities - with_torch.segment(ct, keep_probabilities=True).probabilities).max() < 1e-4
 
 
 def test_resume_continues_exactly(data_root, tmp_path):
