@@ -56,29 +56,36 @@ def end_to_end_child(ct: str, device: str, runtime: str, batch_size: int | None)
 
 
 def network_throughput(ct: str, device_name: str, runtime: str, batch_size: int | None, repeats: int) -> float:
+    """Slices/s of the network alone, through the engine's own batch loop for the runtime that runs."""
     import SimpleITK as sitk
-    import torch
 
     from LiverSegLib.geometry import canonical_transform
-    from LiverSegLib.inference import choose_device, predict_probabilities
+    from LiverSegLib.inference import choose_device_name, predict_in_batches, predict_probabilities
     from LiverSegLib.io import read_ct
     from LiverSegLib.model import BUNDLED_CARD
     from LiverSegLib.preprocessing import prepare_volume
     from LiverSegLib.runtime import load_runtime_network
 
     image = read_ct(ct)
-    device = choose_device(device_name)
-    card, network = load_runtime_network(BUNDLED_CARD, device, runtime)
+    device = choose_device_name(device_name)
+    card, network, used_runtime = load_runtime_network(BUNDLED_CARD, device, runtime)
     canonical = canonical_transform(image.GetDirection()).to_canonical(sitk.GetArrayViewFromImage(image))
     volume = prepare_volume(canonical, card.window_hu, card.input_size)
-    predict_probabilities(network, volume, card, device, batch_size)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+
+    def run() -> None:
+        if used_runtime == "onnxruntime":
+            predict_in_batches(network, volume, card, batch_size or 16)
+            return
+        predict_probabilities(network, volume, card, device, batch_size)
+        if device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    run()  # warm-up
     started = time.perf_counter()
     for _ in range(repeats):
-        predict_probabilities(network, volume, card, device, batch_size)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        run()
     return repeats * volume.shape[0] / (time.perf_counter() - started)
 
 

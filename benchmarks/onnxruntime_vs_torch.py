@@ -69,7 +69,8 @@ def main() -> None:
     canonical = canonical_transform(image.GetDirection()).to_canonical(sitk.GetArrayViewFromImage(image))
     volume = prepare_volume(canonical, card.window_hu, card.input_size)
     total = volume.shape[0]
-    batches = [slice_stack(volume, torch.arange(s, min(s + args.batch_size, total)), card.context_slices) for s in range(0, total, args.batch_size)]
+    batches = [torch.from_numpy(np.ascontiguousarray(slice_stack(volume, np.arange(s, min(s + args.batch_size, total)), card.context_slices)))
+               for s in range(0, total, args.batch_size)]
 
     with tempfile.TemporaryDirectory() as folder:
         onnx_path = Path(folder) / "liverseg.onnx"
@@ -94,7 +95,7 @@ def main() -> None:
                 return np.concatenate([torch.sigmoid(frozen(b)).numpy() for b in batches])
 
         def run_onnx() -> np.ndarray:
-            return np.concatenate([torch.sigmoid(onnx_network(b)).numpy() for b in batches])
+            return np.concatenate([torch.sigmoid(torch.from_numpy(onnx_network(b.numpy()))).numpy() for b in batches])
 
         figures: dict[str, object] = {"ct": args.ct, "slices": total, "batch_size": args.batch_size, "threads": threads,
                                       "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
