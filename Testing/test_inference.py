@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from LiverSegLib.errors import LiverSegInputError
-from LiverSegLib.inference import choose_device_name, predict_in_batches, probabilities_to_masks, sigmoid
+from LiverSegLib.inference import choose_device_name, predict_in_batches, predict_near_liver, probabilities_to_masks, sigmoid
 from LiverSegLib.model import ModelCard
 from LiverSegLib.preprocessing import SliceGrid, to_slice_grid
 
@@ -45,3 +45,38 @@ def test_masks_from_probabilities_skip_empty_slices_exactly():
     masks = probabilities_to_masks(probabilities, grid, 0.5, chunk_slices=2)
     assert np.array_equal(masks, to_slice_grid(probabilities, grid) >= 0.5)
     assert not masks[[1, 4]].any() and masks[[0, 2, 3, 5, 6]].reshape(5, -1).any(1).all()
+
+
+def test_near_liver_pass_gives_the_same_probabilities_where_it_matters(data_root, segmenter):
+    """On a real CT the probe-then-near-liver pass returns the whole pass's probabilities on every slice it
+    runs, skips over 20 of its 151 slices, and runs every slice of the expert liver. Progress ends at its
+    total. (A skipped slice may hold a stray false positive, which post-processing removes: the label map
+    equals the whole pass's, test_pipeline.py.)"""
+    import SimpleITK as sitk
+
+    from LiverSegLib.geometry import canonical_transform
+    from LiverSegLib.preprocessing import prepare_volume
+
+    from conftest import read_case
+
+    ct, label = read_case(data_root, "ircad_07")  # a third of its slices lie above the liver
+    canonical = canonical_transform(ct.GetDirection()).to_canonical(sitk.GetArrayViewFromImage(ct))
+    card = segmenter.card
+    volume = prepare_volume(canonical, card.window_hu, card.input_size)
+    whole = predict_in_batches(segmenter.network, volume, card)
+    progress = []
+    near = predict_near_liver(segmenter.network, volume, card, progress=lambda done, total: progress.append((done, total)))
+    ran = near.reshape(len(near), -1).any(axis=1)
+    assert np.abs(near[ran] - whole[ran]).max() < 1e-6
+    assert (~ran).sum() > 20 and progress[-1][0] == progress[-1][1] == ran.sum()
+    liver_slices = np.flatnonzero((sitk.GetArrayViewFromImage(label) >= 1).any(axis=(1, 2)))
+    assert ran[liver_slices.min() : liver_slices.max() + 1].all()  # every expert liver slice was run
+
+
+def test_a_scan_whose_probes_show_no_liver_is_run_whole(segmenter):
+    """Air only (a CT's value outside the body): no probe shows liver, so every slice is run."""
+    volume = np.zeros((24, segmenter.card.input_size, segmenter.card.input_size), np.float32)  # −1024 HU windowed
+    progress = []
+    near = predict_near_liver(segmenter.network, volume, segmenter.card, progress=lambda done, total: progress.append((done, total)))
+    assert np.array_equal(near, predict_in_batches(segmenter.network, volume, segmenter.card))
+    assert progress[-1] == (24, 24)

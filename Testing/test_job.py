@@ -55,7 +55,7 @@ def test_progress_reaches_100_percent_and_the_label_map_comes_back(job_temp_dir)
         stages.append(job.stage)
         time.sleep(0.02)
     assert job.state is JobState.SUCCEEDED, (job.error, list(job.stderr_tail))
-    assert job.fraction_done == 1.0 and job.done_slices == job.total_slices == 41
+    assert job.fraction_done == 1.0 and 0 < job.done_slices == job.total_slices <= 41  # slices near the liver only
     assert fractions == sorted(fractions), "progress went backwards"
     assert any(0 < f < 1 for f in fractions), "no progress was seen before the end"
     order = ["starting", "reading", "loading model", "segmenting", "writing"]

@@ -48,3 +48,15 @@ def test_post_processing_is_the_largest_component_with_holes_filled(data_root, s
     assert np.array_equal(cleaned, fill_holes(largest_component(raw)))
     components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(raw.astype(np.uint8)), True))
     print(f"\nthe network's output has {components.max()} components; post-processing keeps one")
+
+
+def test_near_liver_pass_gives_the_label_map_of_the_whole_pass(data_root, segmenter, monkeypatch):
+    """The CPU path runs the network near the liver only (inference.predict_near_liver); with
+    post-processing the label map is exactly the one of running every slice."""
+    from LiverSegLib import inference, pipeline
+
+    ct, _ = read_case(data_root, "ircad_07")
+    near = sitk.GetArrayFromImage(segmenter.segment(ct).label_image)
+    monkeypatch.setattr(pipeline, "predict_near_liver", inference.predict_in_batches)
+    whole = sitk.GetArrayFromImage(segmenter.segment(ct).label_image)
+    assert np.array_equal(near, whole)

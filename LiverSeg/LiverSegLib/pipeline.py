@@ -13,7 +13,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from .geometry import canonical_transform
-from .inference import ProgressCallback, choose_device_name, predict_in_batches, predict_probabilities, probabilities_to_masks
+from .inference import (
+    ProgressCallback,
+    choose_device_name,
+    predict_in_batches,
+    predict_near_liver,
+    predict_probabilities,
+    probabilities_to_masks,
+)
 from .model import BUNDLED_CARD, ModelCard
 from .postprocessing import LIVER, compose_label_map, lesion_volumes_ml
 from .preprocessing import SliceGrid, prepare_volume
@@ -92,7 +99,8 @@ class LiverSegmenter:
         volume = prepare_volume(ct_canonical, self.card.window_hu, self.card.input_size)
         lap("preprocess")
         if self.runtime == "onnxruntime":
-            probabilities = predict_in_batches(self.network, volume, self.card, batch_size or CPU_BATCH, progress)
+            near_liver_only = predict_near_liver if postprocess else predict_in_batches  # see predict_near_liver
+            probabilities = near_liver_only(self.network, volume, self.card, batch_size or CPU_BATCH, progress)
             used_device = "cpu"
         else:
             probabilities, used_device = predict_probabilities(
