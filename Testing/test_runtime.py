@@ -57,7 +57,10 @@ def test_onnxruntime_and_torch_agree_on_a_real_ct(data_root, segmenter):
     with_onnx = segmenter.segment(ct, keep_probabilities=True)
     with_torch = LiverSegmenter(device="cpu", runtime="torch").segment(ct, keep_probabilities=True)
     assert (with_onnx.runtime, with_torch.runtime) == ("onnxruntime", "torch")
-    assert float(np.abs(with_onnx.probabilities - with_torch.probabilities).max()) < 1e-4
+    # The CPU path runs the network near the liver only (inference.predict_near_liver): compare where it ran.
+    ran = with_onnx.probabilities.reshape(len(with_onnx.probabilities), -1).any(axis=1)
+    assert ran.sum() > 0.9 * len(ran)
+    assert float(np.abs(with_onnx.probabilities[ran] - with_torch.probabilities[ran]).max()) < 1e-4
     labels_onnx = sitk.GetArrayViewFromImage(with_onnx.label_image)
     labels_torch = sitk.GetArrayViewFromImage(with_torch.label_image)
     # Probabilities equal to 1e-4 can only flip voxels sitting on the threshold: a handful at most.
