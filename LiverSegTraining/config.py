@@ -36,7 +36,8 @@ class ScheduleConfig:
 
 @dataclass
 class SplitConfig:
-    val: list[str] = field(default_factory=list)  # checkpoint selection only
+    val: list[str] = field(default_factory=list)  # never trained on: validation curve, panels, checkpoint selection
+    select_on_val: bool = True  # false: validation only monitors (labels too weak to choose by); the last epoch is the model
     weak_train: list[str] = field(default_factory=list)  # weak-label cases allowed into training
     exclude: list[str] = field(default_factory=list)
 

@@ -21,6 +21,7 @@ from LiverSegLib.pipeline import LiverSegmenter
 
 from .config import TrainConfig, expand
 from .data import PreparedCase, prepare_case
+from .jsonfile import write_strict_json
 from .metrics import label_map_metrics
 from .plots import plot_history, plot_prediction_panel
 from .sources import Case, discover
@@ -97,7 +98,8 @@ def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], ou
         "cases": [{"case": c.name, "label": c.label_kind, "licence": c.licence} for c in train_cases],
         "validation_cases": list(config.split.val),
         "epochs": len(result.history),
-        "best_val_liver_dice_model_grid": result.best_val_liver_dice,
+        "best_val_liver_dice_model_grid": result.best_val_liver_dice,  # of the exported weights
+        "checkpoint": "best validation liver Dice" if config.split.val and config.split.select_on_val else "last epoch",
         "schedule": vars(config.schedule),
     }
     card.evaluation = evaluation
@@ -127,7 +129,7 @@ def write_table(rows: list[dict], path_stem: Path) -> None:
         writer = csv.DictWriter(stream, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    path_stem.with_suffix(".json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    write_strict_json(rows, path_stem.with_suffix(".json"))  # an unmeasured figure (NaN in the CSV) is null
 
 
 def format_table(rows: list[dict]) -> str:

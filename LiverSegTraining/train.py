@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -18,16 +17,27 @@ from LiverSegLib.model import ModelCard, build_network
 from .augment import augment_batch
 from .config import TrainConfig
 from .data import PreparedCase, SliceSampler
+from .jsonfile import write_strict_json
 from .losses import combined_loss
 from .metrics import overlap
+from .plots import plot_prediction_panel
 
 log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "checkpoint_last.pt"  # full state of the latest epoch, for resuming
 BEST_WEIGHTS = "best.pt"  # network weights of the best epoch, the ones a run returns
+PANEL_DIR = "panels"  # prediction panels of the validation cases at the end of each cycle
+PANEL_CASES = 2  # validation cases shown in the panels
+PANEL_LIVER_FRACTIONS = (0.25, 0.5, 0.75)  # where in each case's liver extent (caudal to cranial) the shown slices lie
+NAN = float("nan")
 
 
 @dataclass
 class EpochRecord:
+    """One epoch of the history. ``lr`` is the LR the epoch started with, so a cycle's first epoch shows the
+    cycle's maximum. A Dice that could not be measured (no validation cases; no lesion-labelled sample) is
+    NaN here and null in ``history.json``. The training Dice fields come last, with defaults, so that a
+    checkpoint written before they existed still restores."""
+
     cycle: int
     epoch: int
     train_loss: float
@@ -35,6 +45,8 @@ class EpochRecord:
     val_lesion_dice: float
     lr: float
     seconds: float
+    train_liver_dice: float = NAN
+    train_lesion_dice: float = NAN
 
 
 @dataclass
@@ -42,7 +54,35 @@ class TrainResult:
     card: ModelCard
     network: torch.nn.Module
     history: list[EpochRecord] = field(default_factory=list)
-    best_val_liver_dice: float = float("nan")
+    best_val_liver_dice: float = NAN  # validation liver Dice of the returned weights (the chosen epoch's)
+
+
+@dataclass
+class OverlapCounts:
+    """Voxel counts per channel (liver, lesion) summed over an epoch's training batches.
+
+    The epoch's training Dice is pooled over every voxel, so a batch with little liver weighs no more than
+    its voxels; a sample whose label lacks a channel (no lesion label) is left out of that channel.
+    """
+
+    intersection: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    predicted: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    actual: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+    def add(self, logits: torch.Tensor, masks: torch.Tensor, channel_mask: torch.Tensor, threshold: float) -> None:
+        """Count one batch: ``logits`` and ``masks`` (B, 2, n, n), ``channel_mask`` (B, 2) with 1 where labelled."""
+        with torch.no_grad():
+            labelled = (channel_mask > 0)[:, :, None, None]
+            predicted = (torch.sigmoid(logits) >= threshold) & labelled
+            actual = (masks > 0.5) & labelled
+            self.intersection += (predicted & actual).sum((0, 2, 3)).cpu().numpy()
+            self.predicted += predicted.sum((0, 2, 3)).cpu().numpy()
+            self.actual += actual.sum((0, 2, 3)).cpu().numpy()
+
+    def dice(self) -> tuple[float, float]:
+        """(liver, lesion) Dice; NaN for a channel with neither predicted nor labelled voxels (nothing measured)."""
+        total = self.predicted + self.actual
+        return tuple(float(2 * i / t) if t > 0 else NAN for i, t in zip(self.intersection, total))  # type: ignore[return-value]
 
 
 def validate(network: torch.nn.Module, cases: list[PreparedCase], card: ModelCard, device: torch.device) -> tuple[float, float]:
@@ -134,36 +174,70 @@ def restore(state: TrainingState, output_dir: Path) -> bool:
     return True
 
 
-def train_steps(state: TrainingState, config: TrainConfig) -> float:
+def train_steps(state: TrainingState, config: TrainConfig) -> tuple[float, OverlapCounts]:
     """One epoch of optimisation: ``steps_per_epoch`` augmented batches, the LR stepped after each.
 
-    Returns the mean training loss.
+    Returns the mean training loss and the overlap of the batches' predictions (as trained on, before each
+    step) with their labels: a Dice curve that exists even without validation cases.
     """
-    losses = []
+    losses, counts = [], OverlapCounts()
     for _ in range(config.schedule.steps_per_epoch):
         images, masks, channel_mask, weight = state.sampler.batch(config.schedule.batch_size, state.generator)
         images, masks = augment_batch(images, masks, config.augment, state.generator)
         logits = state.network(images.to(state.device))
-        loss, _ = combined_loss(logits, masks.to(state.device), (channel_mask * weight[:, None]).to(state.device), config.loss)
+        masks = masks.to(state.device)
+        loss, _ = combined_loss(logits, masks, (channel_mask * weight[:, None]).to(state.device), config.loss)
+        counts.add(logits.detach(), masks, channel_mask.to(state.device), state.card.threshold)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
         state.scheduler.step()
         losses.append(float(loss.detach()))
-    return float(np.mean(losses))
+    return float(np.mean(losses)), counts
 
 
 def run_epoch(state: TrainingState, config: TrainConfig, val_cases: list[PreparedCase]) -> EpochRecord:
-    """Train one epoch, validate, and append the epoch's record (its ``lr`` is the LR after the epoch)."""
+    """Train one epoch, validate, and append the epoch's record. Its ``lr`` is read before the first step:
+    the LR the epoch trained from, not the one the scheduler sets after it (at a cycle's end, the restart)."""
     cycle, epoch = divmod(state.next_epoch, config.schedule.epochs_per_cycle)
+    lr_at_start = state.lr
     started_s = time.perf_counter()
-    train_loss = train_steps(state, config)
-    nan = float("nan")
-    val_liver, val_lesion = validate(state.network, val_cases, state.card, state.device) if val_cases else (nan, nan)
-    record = EpochRecord(cycle, epoch, train_loss, val_liver, val_lesion, state.lr, time.perf_counter() - started_s)
+    train_loss, counts = train_steps(state, config)
+    val_liver, val_lesion = validate(state.network, val_cases, state.card, state.device) if val_cases else (NAN, NAN)
+    seconds = time.perf_counter() - started_s
+    record = EpochRecord(cycle, epoch, train_loss, val_liver, val_lesion, lr_at_start, seconds, *counts.dice())
     state.history.append(record)
     state.next_epoch += 1
     return record
+
+
+def panel_slices(case: PreparedCase) -> list[int]:
+    """Fixed slices of a validation case to show every cycle: spread over its liver's extent (the middle
+    slice of the case when its label shows no liver), so that successive cycles compare like with like."""
+    liver = case.liver_slices.tolist()
+    if not liver:
+        return [case.image.shape[0] // 2]
+    return sorted({liver[min(len(liver) - 1, int(fraction * len(liver)))] for fraction in PANEL_LIVER_FRACTIONS})
+
+
+def write_cycle_panels(state: TrainingState, val_cases: list[PreparedCase], cycle: int, output_dir: Path) -> list[Path]:
+    """Prediction panels (CT, truth, prediction, liver probability) of the first validation cases' fixed
+    slices, on the model grid, written as ``panels/cycleN_CASE_zZ.png`` at the end of cycle N."""
+    folder = output_dir / PANEL_DIR
+    folder.mkdir(exist_ok=True)
+    low_hu, high_hu = state.card.window_hu
+    paths = []
+    for case in val_cases[:PANEL_CASES]:
+        probabilities, _ = predict_probabilities(state.network, case.image.float(), state.card, state.device)
+        predicted = probabilities >= state.card.threshold
+        prediction = predicted[:, 0].astype(np.uint8) + (predicted[:, 0] & predicted[:, 1])
+        truth = case.masks[:, 0].numpy() + case.masks[:, 1].numpy()
+        ct_hu = low_hu + case.image.float().numpy() * (high_hu - low_hu)  # the window the network sees, back in HU
+        for z in panel_slices(case):
+            path = folder / f"cycle{cycle + 1}_{case.name}_z{z:03d}.png"
+            paths.append(plot_prediction_panel(f"{case.name} z{z}", ct_hu[z], truth[z], prediction[z], probabilities[z, 0], path))
+    state.network.train()
+    return paths
 
 
 def checkpoint(state: TrainingState, score: float, output_dir: Path) -> None:
@@ -190,8 +264,8 @@ def log_epoch(record: EpochRecord, epochs_left: int, mean_epoch_s: float, device
     """One line per epoch with the time left: the schedule that takes minutes on a GPU takes hours on
     a CPU, and the user should know after the first epoch."""
     log.info(
-        "cycle %d epoch %d: loss %.4f, val liver Dice %.4f, lesion %.4f, lr %.2e, %.0f s (about %.0f min left in this training, on %s)",
-        record.cycle + 1, record.epoch + 1, record.train_loss, record.val_liver_dice, record.val_lesion_dice, record.lr,
+        "cycle %d epoch %d: loss %.4f, train liver Dice %.4f, val liver Dice %.4f, lesion %.4f, lr %.2e, %.0f s (about %.0f min left in this training, on %s)",
+        record.cycle + 1, record.epoch + 1, record.train_loss, record.train_liver_dice, record.val_liver_dice, record.val_lesion_dice, record.lr,
         record.seconds, epochs_left * mean_epoch_s / 60, device.type,
     )
 
@@ -208,8 +282,9 @@ def train(
 
     Every epoch writes ``checkpoint_last.pt`` (model, optimizer, scheduler, RNG, position, history) so
     an interrupted run resumes exactly; the best validation liver Dice is kept in ``best.pt``. Without
-    validation cases the last epoch counts as best. ``max_epochs`` stops early (a time-boxed run)
-    so that a later ``resume`` finishes the schedule.
+    validation cases, or with ``split.select_on_val`` off (validation labels too weak to choose by), the
+    last epoch counts as best. Each cycle's last epoch writes prediction panels of the validation cases.
+    ``max_epochs`` stops early (a time-boxed run) so that a later ``resume`` finishes the schedule.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
@@ -221,10 +296,21 @@ def train(
         log.info("resuming at epoch %d of %d", state.next_epoch, total_epochs)
     start = state.next_epoch
     stop = total_epochs if max_epochs is None else min(total_epochs, start + max_epochs)
+    select_on_val = bool(val_cases) and config.split.select_on_val
     for global_epoch in range(start, stop):
         record = run_epoch(state, config, val_cases)
-        checkpoint(state, record.val_liver_dice if val_cases else float(global_epoch), output_dir)
+        checkpoint(state, record.val_liver_dice if select_on_val else float(global_epoch), output_dir)
         log_epoch(record, stop - global_epoch - 1, float(np.mean([r.seconds for r in state.history[start:]])), device)
-    (output_dir / "history.json").write_text(json.dumps([asdict(r) for r in state.history], indent=1), encoding="utf-8")
+        if val_cases and record.epoch == config.schedule.epochs_per_cycle - 1:
+            write_cycle_panels(state, val_cases, record.cycle, output_dir)
+    write_strict_json([asdict(r) for r in state.history], output_dir / "history.json")
     state.network.load_state_dict(torch.load(output_dir / BEST_WEIGHTS, weights_only=True))
-    return TrainResult(state.card, state.network.eval(), state.history, state.best_score if val_cases else float("nan"))
+    return TrainResult(state.card, state.network.eval(), state.history, kept_val_liver_dice(state, val_cases, select_on_val))
+
+
+def kept_val_liver_dice(state: TrainingState, val_cases: list[PreparedCase], select_on_val: bool) -> float:
+    """Validation liver Dice of the weights the run returns: the best epoch's when validation chose them,
+    else the last epoch's (NaN without validation cases)."""
+    if not val_cases or not state.history:
+        return NAN
+    return state.best_score if select_on_val else state.history[-1].val_liver_dice

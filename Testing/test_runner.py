@@ -7,6 +7,7 @@ from LiverSegTraining.cli import train_main
 from LiverSegTraining.config import load_config
 
 from conftest import tiny_config
+from test_plots import read_strict_json
 
 
 def test_cross_validation_by_patient(data_root, tmp_path):
@@ -20,6 +21,9 @@ def test_cross_validation_by_patient(data_root, tmp_path):
     assert [r["trained_on"] for r in rows] == ["ircad_17", "ircad_01"]
     assert all(0.0 <= r["liver_dice"] <= 1.0 and "lesion_dice" in r for r in rows)
     assert (tmp_path / "cv" / "crossval.csv").read_text(encoding="utf-8").count("\n") == 3
+    assert [r["case"] for r in read_strict_json(tmp_path / "cv" / "crossval.json")] == ["ircad_01", "ircad_17"]
+    for case in ("ircad_01", "ircad_17"):  # the held-out case, segmented by the full engine
+        assert (tmp_path / "cv" / f"fold_{case}" / f"panel_{case}.png").stat().st_size > 5000
     assert "lesions_validated" in summary
 
 

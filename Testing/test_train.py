@@ -4,7 +4,6 @@ checkpoint kept and the last one restored."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,14 @@ from LiverSegTraining.sources import discover
 from LiverSegTraining.train import TrainingState, build, checkpoint, restore, run_epoch, seed_everything, train
 
 from conftest import read_case, tiny_config
+from test_plots import read_strict_json
 
 CPU = torch.device("cpu")
 
 
 def test_two_cycle_training_exports_a_loadable_model_and_plots(data_root, tmp_path):
+    """The bundled recipe, shrunk: curves with finite points, the LR each epoch started from, prediction
+    panels at the end of each cycle, strict JSON everywhere, and a model both runtimes load."""
     output = tmp_path / "run"
     overrides = tiny_config(tmp_path, data_root)
     argv = ["LiverSegTraining/configs/bundled.toml", "--output", str(output)]
@@ -33,14 +35,24 @@ def test_two_cycle_training_exports_a_loadable_model_and_plots(data_root, tmp_pa
 
     argv[0] = str(PROJECT_ROOT / argv[0])
     assert train_main(argv) == 0
-    history = json.loads((output / "final" / "history.json").read_text(encoding="utf-8"))
+    history = read_strict_json(output / "final" / "history.json")
     assert [(h["cycle"], h["epoch"]) for h in history] == [(0, 0), (1, 0)]
-    # The learning rate restarts at the cycle boundary: both epochs end at the same point of the cosine.
-    assert history[0]["lr"] == pytest.approx(history[1]["lr"])
-    for plot in ("loss.png", "dice.png", "panel_totalseg_example_dicom_MODEL.png"):
+    # Each epoch logs the LR it started from: the first epoch of each cycle, the cycle's maximum.
+    assert [h["lr"] for h in history] == pytest.approx([load_config(None, overrides).schedule.lr] * 2, rel=1e-12)
+    # dice.png plots these: training Dice always, validation Dice on the validation case.
+    assert all(np.isfinite([h["train_liver_dice"], h["val_liver_dice"]]).all() for h in history)
+    assert all(h["train_lesion_dice"] is None for h in history)  # no training case labels lesions
+    for plot in ("loss.png", "dice.png", "lr.png", "panel_totalseg_example_dicom_MODEL.png"):
         assert (output / "final" / plot).stat().st_size > 5000, plot
+    panels = sorted(p.name for p in (output / "final" / "panels").iterdir())
+    for cycle in (1, 2):
+        mine = [name for name in panels if name.startswith(f"cycle{cycle}_totalseg_example_dicom_MODEL_z")]
+        assert len(mine) >= 2, panels
+    assert len(panels) == 2 * len(mine)  # the same slices every cycle
+    for written in output.rglob("*.json"):
+        read_strict_json(written)
     card_path = output / "model" / "liverseg.json"
-    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card = read_strict_json(card_path)
     assert card["input_size"] == 64 and len(card["weights_sha256"]) == 64
     assert {c["case"] for c in card["training"]["cases"]} == {"dcmqi_ct3slice", "totalseg_example_sm_MODEL"}
     assert card["onnx_file"] == "liverseg.onnx" and len(card["onnx_sha256"]) == 64  # the graph for the CPU, torch-free
@@ -86,8 +98,8 @@ def test_each_cycle_starts_at_the_maximum_learning_rate(data_root, tmp_path):
         run_epoch(state, config, [])
     assert lr_at_epoch_start == pytest.approx([top, middle, top, middle], rel=1e-9)
     assert [(r.cycle, r.epoch) for r in state.history] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    # An epoch records the LR it ends with: a cycle's last epoch ends on the restart.
-    assert [r.lr for r in state.history] == pytest.approx([middle, top, middle, top], rel=1e-9)
+    # An epoch records the LR it started from, not the restart the scheduler sets after a cycle's last step.
+    assert [r.lr for r in state.history] == pytest.approx(lr_at_epoch_start, rel=1e-12)
 
 
 def test_checkpoint_keeps_the_best_epoch_and_restore_continues_from_the_last(data_root, tmp_path):
