@@ -45,11 +45,12 @@ sys.path.insert(0, str(REPO_ROOT / "LiverSeg"))  # the engine (LiverSegLib) live
 
 import LiverSegLib
 from LiverSegLib.job import SegmentationJob, SegmentationOptions
+from LiverSegLib.preview import WINDOW_HU
+from LiverSegLib.preview import body_box as crop_box  # the body's bounding box, so slices are not mostly air
 from LiverSegLib.segments import LIVER, LIVER_LESION
 
 SAMPLE = REPO_ROOT / "LiverSeg" / "Resources" / "Samples" / "CRLM-CT-1004.nii.gz"
 SAMPLE_CREDIT = "CT: TCIA Colorectal-Liver-Metastases (CRLM), CC BY 4.0"
-WINDOW_HU = (50 - 400 / 2, 50 + 400 / 2)  # abdominal window, W 400 / L 50
 FILL_ALPHA = {1: 0.3, 2: 0.45}  # by label value: the small lesions a little stronger
 BACKGROUND = "#111318"
 
@@ -149,24 +150,6 @@ def draw_slice(ax: plt.Axes, ct: np.ndarray, label: np.ndarray, extent: tuple[fl
     ax.text(0.5, 0.015, bottom, ha="center", va="bottom", **style)
     ax.set_title(title, color="#d8d8d8", fontsize=9, pad=3)
     ax.set_axis_off()
-
-
-def crop_box(ct: np.ndarray, margin: int = 6) -> tuple[slice, slice, slice]:
-    """The body's bounding box with a margin, so the slices are not mostly air and table.
-
-    The body: the largest connected region above -500 HU (the table is a separate, smaller one).
-    """
-    regions = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray((ct > -500).astype(np.uint8))),
-                                    sortByObjectSize=True)
-    body = sitk.GetArrayFromImage(regions) == 1
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.nonzero(body.any(other))[0]
-        low, high = (hits[0], hits[-1] + 1) if hits.size else (0, ct.shape[axis])
-        pad = 0 if axis == 0 else margin
-        box.append(slice(max(low - pad, 0), min(high + pad, ct.shape[axis])))
-    return tuple(box)
 
 
 def overlay_figure(run: Run, width_px: int, dpi: int = 150) -> plt.Figure:

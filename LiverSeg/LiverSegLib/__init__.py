@@ -7,6 +7,7 @@ import, lazy ones included):
 2. ``io`` (the one reader and its checks) and ``geometry`` (index axes ↔ patient axes);
 3. ``outputs``: every file written (atomically), label maps, ``.seg.nrrd``, reports, summaries; it knows
    file formats, not the network, so the model cache writes its ONNX export through it too;
+   then ``preview`` (the ``--preview`` PNG sheet; matplotlib, imported lazily);
 4. ``preprocessing`` → ``model`` → ``runtime`` (torch or ONNX Runtime) → ``inference`` →
    ``postprocessing`` → ``qc`` → ``pipeline`` (the one entry point: a CT image in, a label map out);
 5. ``dicom_seg`` (DICOM SEG output) → ``cli`` (the ``liverseg`` command);
@@ -22,6 +23,7 @@ LAYERS = (
     ("errors", "options", "segments", "dependencies"),
     ("io", "geometry"),
     ("outputs",),
+    ("preview",),
     ("preprocessing",),
     ("model",),
     ("runtime",),

@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--no-lesions", action="store_true", help="liver only")
     segment.add_argument("--no-postprocess", action="store_true", help="keep every liver component and hole")
     segment.add_argument("--report", action="append", default=[], metavar="PATH", help="volume report: .json and/or .md (repeatable)")
+    segment.add_argument("--preview", metavar="PNG", help="a PNG sheet to check the result at a glance: three axial slices, a coronal and a sagittal reformat through the liver with its outlines and the run's figures (needs matplotlib: the preview extra); a .md report embeds it")
     segment.add_argument("--progress", default="bar", choices=PROGRESS_MODES, help="bar: a progress bar on a terminal; json: machine-readable events on stdout, one JSON object per line (for a parent process); none")
     series = commands.add_parser("series", help="list the DICOM series in a folder")
     series.add_argument("folder")
@@ -95,6 +96,16 @@ def _load_segmenter(card_path: str | Path, device: str, runtime: str):
     return LiverSegmenter(card_path, device=device, runtime=runtime)
 
 
+def _check_preview(path: str | None) -> Path | None:
+    """``--preview``: refused before any work when matplotlib is missing or the path is wrong."""
+    if path is None:
+        return None
+    from .preview import check_matplotlib, check_preview_path
+
+    check_matplotlib()
+    return check_preview_path(path)
+
+
 def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
     from .io import check_input_path, read_ct, read_dicom_series, select_series
     from .model import BUNDLED_CARD
@@ -104,6 +115,7 @@ def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
         raise LiverSegInputError(f"--batch-size must be at least 1, got {args.batch_size}")
     output = check_output_path(args.output, OUTPUT_SUFFIXES + (DICOM_SEG_SUFFIX,))
     reports = [check_report_path(path) for path in args.report]
+    preview = _check_preview(args.preview)
     input_path = check_input_path(args.input)
     if output.exists() and output.resolve() == input_path.resolve():
         raise LiverSegInputError(f"output would overwrite the input: {output}")
@@ -151,8 +163,12 @@ def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
     else:
         write_segmentation(result, output, lesions=not args.no_lesions)
     report = volume_report(image, result, str(input_path), str(output))
+    if preview is not None:  # before the reports: a Markdown report never links a sheet that is not there
+        from .preview import write_preview
+
+        write_preview(image, result.label_image, report, preview)
     for path in reports:
-        write_report(report, path)
+        write_report(report, path, preview=preview)
     for warning in result.qc_warnings:
         _warn(warning, events)
     if events:

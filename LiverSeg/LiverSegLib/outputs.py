@@ -151,10 +151,12 @@ def summary_line(report: dict) -> str:
     return f"liver {report['liver_volume_ml']:.1f} mL; {lesions}; {report['seconds']:.1f} s on {report['device']}{runtime}"
 
 
-def report_markdown(report: dict) -> str:
+def report_markdown(report: dict, preview: str | None = None) -> str:
+    """The report as Markdown; ``preview``: the ``--preview`` sheet's path relative to the report, embedded."""
     lines = [
         "# LiverSeg volume report",
         "",
+        *([f"![preview]({preview})", ""] if preview else []),
         f"- Input: `{report['input']}`",
         f"- Segmentation: `{report['output']}`",
         f"- Model: {report['model']['name']} {report['model']['version']} on {report['device']} ({report['runtime']}), {report['seconds']:.1f} s",
@@ -189,8 +191,14 @@ def check_report_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def write_report(report: dict, path: str | os.PathLike) -> None:
+def write_report(report: dict, path: str | os.PathLike, preview: str | os.PathLike | None = None) -> None:
+    """``.json`` or ``.md`` by the extension; a Markdown report embeds the ``preview`` sheet by a relative link
+    (so the report and the picture can be moved together)."""
     path = Path(path)
-    text = json.dumps(report, indent=1) + "\n" if path.suffix.lower() == ".json" else report_markdown(report)
+    if path.suffix.lower() == ".json":
+        text = json.dumps(report, indent=1) + "\n"
+    else:
+        link = None if preview is None else Path(os.path.relpath(Path(preview).resolve(), path.parent.resolve())).as_posix()
+        text = report_markdown(report, link)
     with atomic_output(path) as temporary:
         Path(temporary).write_text(text, encoding="utf-8")
