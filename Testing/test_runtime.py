@@ -94,12 +94,23 @@ def test_segments_without_torch_installed(data_root, tmp_path):
     assert 2 * np.count_nonzero(predicted & truth) / (predicted.sum() + truth.sum()) >= 0.90
 
 
-def test_without_torch_a_gpu_request_says_how_to_get_one(tmp_path):
-    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "segment", str(SAMPLE), "-o", str(tmp_path / "x.nii.gz"), "--device", "cuda"],
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--device", "cuda"], "--device cuda needs torch, which is not installed: pip install 'liverseg[gpu]'"),
+    (["--runtime", "torch"], "--runtime torch needs torch, which is not installed: pip install 'liverseg[gpu]'"),
+])
+def test_without_torch_what_needs_it_says_how_to_get_it(tmp_path, arguments, message):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "segment", str(SAMPLE), "-o", str(tmp_path / "x.nii.gz"), *arguments],
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert "liverseg: error: --device cuda needs torch, which is not installed: pip install 'liverseg[gpu]'" in done.stderr
+    assert done.stderr.splitlines()[0].startswith(f"liverseg: error: {message}")
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_without_torch_the_export_command_says_what_it_needs(card_without_graph):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "export-onnx", "--model", str(card_without_graph)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0].startswith("liverseg: error: exporting the ONNX graph needs torch")
+    assert not (card_without_graph.parent / "liverseg.onnx").exists()
 
 
 def test_tampered_graph_or_weights_are_refused(model_copy):

@@ -155,6 +155,9 @@ def export_onnx_graph(card_path: str | Path) -> ModelCard:
     the safetensors file) and record it in the card. Needs torch and onnx; runs once per model."""
     from .outputs import atomic_output
 
+    missing = [module for module in ("torch", "segmentation_models_pytorch", "safetensors", "onnx") if not importable(module)]
+    if missing:
+        raise LiverSegInputError(f"exporting the ONNX graph needs {', '.join(missing)}: pip install 'liverseg[gpu]'")
     card_path = Path(card_path)
     card, weights_path = verify_model(card_path)
     graph = graph_on_safetensors(_exported_graph(load_network(card, weights_path), card, constant_folding=False), weights_path)
@@ -191,7 +194,8 @@ def load_runtime_network(card_path: str | Path, device: str, runtime: str = "aut
         if not onnxruntime_available():
             raise LiverSegInputError("--runtime onnxruntime was asked for but onnxruntime is not installed (pip install onnxruntime)")
     elif not (runtime == "auto" and device == "cpu" and onnxruntime_available()):
-        return card, _torch_network(card, weights_path), "torch"
+        why = "--runtime torch" if runtime == "torch" else (f"the {device} device" if device != "cpu" else "running without onnxruntime")
+        return card, _torch_network(card, weights_path, why), "torch"
     shipped = verify_onnx(card, card_path)
     if shipped is not None:
         _safetensors_layout(weights_path)  # the graph reads its weights from there: refuse a cut file clearly
@@ -202,7 +206,7 @@ def load_runtime_network(card_path: str | Path, device: str, runtime: str = "aut
         if not cached_onnx_is_intact(onnx_path):
             if onnx_path.exists():
                 log.warning("cached ONNX model %s does not match its recorded SHA-256: exporting it again", onnx_path)
-            network = _torch_network(card, weights_path)  # unloadable weights fail here, before any announcement
+            network = _torch_network(card, weights_path, "a model without an ONNX graph (exported once)")  # unloadable weights fail here
             log.info("preparing the model for ONNX Runtime (first run of this model only): %s", onnx_path)
             export_onnx(network, card, onnx_path)
         return card, OnnxRuntimeNetwork(onnx_path), "onnxruntime"
@@ -212,15 +216,12 @@ def load_runtime_network(card_path: str | Path, device: str, runtime: str = "aut
         if runtime == "onnxruntime":
             raise
         log.warning("ONNX Runtime unavailable (%s): running the network with torch", str(error).splitlines()[0])
-    return card, network if network is not None else _torch_network(card, weights_path), "torch"
+    return card, network if network is not None else _torch_network(card, weights_path, "a model without an ONNX graph"), "torch"
 
 
-def _torch_network(card: ModelCard, weights_path: Path):
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise LiverSegInputError("this model needs torch to run here (it has no ONNX graph, or ONNX Runtime is not "
-                                 "installed): pip install 'liverseg[gpu]'") from None
+def _torch_network(card: ModelCard, weights_path: Path, why: str):
+    if not importable("torch"):
+        raise LiverSegInputError(f"{why} needs torch, which is not installed: pip install 'liverseg[gpu]'")
     return load_network(card, weights_path)
 
 
