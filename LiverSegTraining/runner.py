@@ -16,12 +16,12 @@ import SimpleITK as sitk
 from LiverSegLib.errors import LiverSegInputError
 from LiverSegLib.geometry import canonical_transform
 from LiverSegLib.model import ModelCard, save_model
+from LiverSegLib.outputs import write_strict_json
 from LiverSegLib.runtime import export_onnx_graph
 from LiverSegLib.pipeline import LiverSegmenter
 
 from .config import TrainConfig, expand
 from .data import PreparedCase, prepare_case
-from .jsonfile import write_strict_json
 from .metrics import label_map_metrics
 from .plots import plot_history, plot_prediction_panel
 from .sources import Case, discover

@@ -13,11 +13,11 @@ import torch
 
 from LiverSegLib.inference import choose_device, predict_probabilities
 from LiverSegLib.model import ModelCard, build_network
+from LiverSegLib.outputs import write_strict_json
 
 from .augment import augment_batch
 from .config import TrainConfig
 from .data import PreparedCase, SliceSampler
-from .jsonfile import write_strict_json
 from .losses import combined_loss
 from .metrics import overlap
 from .plots import plot_prediction_panel

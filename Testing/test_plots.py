@@ -1,4 +1,4 @@
-"""Training plots (LiverSegTraining/plots.py) and strict JSON (LiverSegTraining/jsonfile.py): curves that
+"""Training plots (LiverSegTraining/plots.py) and strict JSON (LiverSegLib/outputs.py, which training writes with): curves that
 were never measured are left out instead of drawn empty, and NaN is written as null."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from LiverSegTraining.jsonfile import nan_as_null, write_strict_json
+from LiverSegLib.outputs import nan_as_null, write_strict_json
 from LiverSegTraining.plots import _measured, plot_history
 from LiverSegTraining.train import EpochRecord
 

@@ -52,7 +52,9 @@ class ModelCard:
 
     def to_json(self) -> str:
         """Strict JSON that any reader loads: a value that was never measured (NaN) is written as null."""
-        return json.dumps(_nan_as_null(asdict(self)), indent=1, allow_nan=False)
+        from .outputs import strict_json
+
+        return strict_json(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
@@ -67,16 +69,6 @@ class ModelCard:
         card.window_hu = tuple(card.window_hu)  # type: ignore[assignment]
         card.channels = tuple(card.channels)
         return card
-
-
-def _nan_as_null(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {key: _nan_as_null(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_as_null(item) for item in value]
-    return value
 
 
 def read_card(card_path: str | Path = BUNDLED_CARD) -> ModelCard:
@@ -172,5 +164,12 @@ def save_model(network, card: ModelCard, card_path: str | Path) -> ModelCard:
     state = {name: t.half() if t.is_floating_point() else t for name, t in state.items()}
     save_file(state, str(weights_path))
     card.weights_sha256 = sha256_of(weights_path)
-    card_path.write_text(card.to_json() + "\n", encoding="utf-8")
+    write_card(card, card_path)
     return card
+
+
+def write_card(card: ModelCard, card_path: str | Path) -> None:
+    """The card as strict JSON, written atomically: a reader never sees half a card."""
+    from .outputs import write_strict_json
+
+    write_strict_json(asdict(card), card_path)

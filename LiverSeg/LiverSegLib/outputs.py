@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,6 +28,29 @@ if TYPE_CHECKING:  # the pipeline imports torch; reports and summaries are read 
 SEG_NRRD_SUFFIX = ".seg.nrrd"
 OUTPUT_SUFFIXES = (SEG_NRRD_SUFFIX,) + LABEL_SUFFIXES
 REPORT_SUFFIXES = (".json", ".md")
+
+
+def nan_as_null(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±Infinity), at any depth, replaced by None.
+
+    A round trip through ``json``: its encoder writes the non-finite floats as the tokens NaN, Infinity and
+    -Infinity, exactly the ones ``parse_constant`` is called for, so nothing else can be turned into None.
+    """
+    return json.loads(json.dumps(value), parse_constant=lambda _token: None)
+
+
+def strict_json(value: Any) -> str:
+    """Indented JSON that any reader loads (jq, JavaScript): a figure never measured is ``null``, not NaN;
+    ``allow_nan=False`` makes a missed non-finite value an error instead of invalid JSON."""
+    return json.dumps(nan_as_null(value), indent=1, allow_nan=False)
+
+
+def write_strict_json(value: Any, path: str | os.PathLike) -> Path:
+    """``strict_json`` written atomically (the model card, reports, training histories and tables)."""
+    path = Path(path)
+    with atomic_output(path, ".json") as temporary:
+        Path(temporary).write_text(strict_json(value) + "\n", encoding="utf-8")
+    return path
 
 
 def check_output_path(path: str | os.PathLike, suffixes: tuple[str, ...] = LABEL_SUFFIXES) -> Path:
@@ -196,9 +219,9 @@ def write_report(report: dict, path: str | os.PathLike, preview: str | os.PathLi
     (so the report and the picture can be moved together)."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        text = json.dumps(report, indent=1) + "\n"
-    else:
-        link = None if preview is None else Path(os.path.relpath(Path(preview).resolve(), path.parent.resolve())).as_posix()
-        text = report_markdown(report, link)
+        write_strict_json(report, path)
+        return
+    link = None if preview is None else Path(os.path.relpath(Path(preview).resolve(), path.parent.resolve())).as_posix()
+    text = report_markdown(report, link)
     with atomic_output(path) as temporary:
         Path(temporary).write_text(text, encoding="utf-8")

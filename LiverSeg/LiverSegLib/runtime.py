@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dependencies import importable
+from .dependencies import GPU_INSTALL_HINT, importable
 from .errors import LiverSegInputError, ModelIntegrityError
-from .model import ModelCard, load_network, read_card, sha256_of, verify_model, verify_onnx
+from .model import ModelCard, load_network, read_card, sha256_of, verify_model, verify_onnx, write_card
 from .options import RUNTIMES
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def export_onnx_graph(card_path: str | Path) -> ModelCard:
 
     missing = [module for module in ("torch", "segmentation_models_pytorch", "safetensors", "onnx") if not importable(module)]
     if missing:
-        raise LiverSegInputError(f"exporting the ONNX graph needs {', '.join(missing)}: pip install 'liverseg[gpu]'")
+        raise LiverSegInputError(f"exporting the ONNX graph needs {', '.join(missing)}: {GPU_INSTALL_HINT}")
     card_path = Path(card_path)
     card, weights_path = verify_model(card_path)
     graph = graph_on_safetensors(_exported_graph(load_network(card, weights_path), card, constant_folding=False), weights_path)
@@ -165,8 +165,7 @@ def export_onnx_graph(card_path: str | Path) -> ModelCard:
     with atomic_output(onnx_path, ".onnx") as temporary:
         Path(temporary).write_bytes(graph)
     card.onnx_file, card.onnx_sha256 = onnx_path.name, sha256_of(onnx_path)
-    with atomic_output(card_path, ".json") as temporary:
-        Path(temporary).write_text(card.to_json() + "\n", encoding="utf-8")
+    write_card(card, card_path)
     return read_card(card_path)
 
 
@@ -221,7 +220,7 @@ def load_runtime_network(card_path: str | Path, device: str, runtime: str = "aut
 
 def _torch_network(card: ModelCard, weights_path: Path, why: str):
     if not importable("torch"):
-        raise LiverSegInputError(f"{why} needs torch, which is not installed: pip install 'liverseg[gpu]'")
+        raise LiverSegInputError(f"{why} needs torch, which is not installed: {GPU_INSTALL_HINT}")
     return load_network(card, weights_path)
 
 
