@@ -19,6 +19,7 @@ GPU_REQUIREMENTS = {  # beyond torch and torchvision (PyTorchUtils)
     "safetensors>=0.4": "safetensors",
 }
 PINNED_WITH_TORCH = ("torch", "torchvision")
+GPU_INSTALL_HINT = "pip install 'liverseg[gpu]' (torch with CUDA)"  # what the CLI says when torch is missing
 
 
 def importable(module: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .dependencies import importable
+from .dependencies import GPU_INSTALL_HINT, importable
 from .errors import LiverSegInputError
 from .model import ModelCard
 from .options import DEVICES
@@ -24,7 +24,6 @@ from .preprocessing import SliceGrid, slice_stack, to_slice_grid
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
-GPU_INSTALL_HINT = "pip install 'liverseg[gpu]' (torch with CUDA)"
 
 
 def nvidia_gpu_present() -> bool:
@@ -158,9 +157,7 @@ def predict_near_liver(
     liver_channel = card.channels.index("liver")
     output = predict_in_batches(run_batch, volume, card, batch_size, None, slices=probes)
     showing = probes[output[probes, liver_channel].reshape(len(probes), -1).max(axis=1) >= card.threshold]
-    if not len(showing):
-        return predict_in_batches(run_batch, volume, card, batch_size, progress)
-    near = np.zeros(depth, bool)
+    near = np.zeros(depth, bool) if len(showing) else np.ones(depth, bool)  # no probe with liver: every slice
     for probe in showing:
         near[max(probe - PROBE_STRIDE + 1, 0) : probe + PROBE_STRIDE] = True
     near[probes] = False  # already run
