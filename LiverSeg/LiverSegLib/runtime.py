@@ -52,6 +52,14 @@ def onnxruntime_available() -> bool:
 
 
 def cpu_threads() -> int:
+    """Threads for the CPU network: ``OMP_NUM_THREADS`` when set (a batch's local cluster gives each worker
+    process its share of the cores that way, as Dask and HPC schedulers do), else every core this process may use."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    return int(given) if given.isdigit() and int(given) > 0 else usable_cores()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the system has one)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
