@@ -10,7 +10,8 @@ import, lazy ones included):
    then ``preview`` (the ``--preview`` PNG sheet; matplotlib, imported lazily);
 4. ``preprocessing`` → ``model`` → ``runtime`` (torch or ONNX Runtime) → ``inference`` →
    ``postprocessing`` → ``qc`` → ``pipeline`` (the one entry point: a CT image in, a label map out);
-5. ``dicom_seg`` (DICOM SEG output) → ``cli`` (the ``liverseg`` command);
+5. ``dicom_seg`` (DICOM SEG output) → ``case`` (one case read, segmented and written, as both commands do
+   it) → ``batch`` (cohorts on a Dask cluster) → ``cli`` (the ``liverseg`` command);
 6. ``job`` (the CLI in a child process) → ``mrml`` (Slicer nodes in and out, through ``job``).
 
 torch is imported only from ``preprocessing`` on, so ``io``, ``outputs``, ``job`` and ``mrml`` (all that
@@ -32,6 +33,8 @@ LAYERS = (
     ("qc",),
     ("pipeline",),
     ("dicom_seg",),
+    ("case",),
+    ("batch",),
     ("cli",),
     ("job",),
     ("mrml",),

@@ -1,4 +1,4 @@
-"""``liverseg``: segment a CT from the command line, list the series of a DICOM folder.
+"""``liverseg``: segment a CT or a cohort (``batch``, on Dask) from the command line, list the series of a DICOM folder.
 
 Errors the user can fix are one line on stderr with exit code 2; nothing is written unless the run
 succeeds (the output goes to a temporary file that is renamed at the end).
@@ -25,10 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import LiverSegInputError
-from .options import DEVICES, RUNTIMES
+from .options import BATCH_FORMATS, DEVICES, RUNTIMES
 
 EXIT_INPUT_ERROR = 2
-DICOM_SEG_SUFFIX = ".dcm"
 PROGRESS_MODES = ("bar", "json", "none")
 
 
@@ -69,6 +68,26 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--report", action="append", default=[], metavar="PATH", help="volume report: .json and/or .md (repeatable)")
     segment.add_argument("--preview", metavar="PNG", help="a PNG sheet to check the result at a glance: three axial slices, a coronal and a sagittal reformat through the liver with its outlines and the run's figures (needs matplotlib: the preview extra); a .md report embeds it")
     segment.add_argument("--progress", default="bar", choices=PROGRESS_MODES, help="bar: a progress bar on a terminal; json: machine-readable events on stdout, one JSON object per line (for a parent process); none")
+    batch = commands.add_parser(
+        "batch", help="segment a cohort on a Dask cluster (local worker processes, or an existing cluster): resumable, one summary.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each CT file (.nii.gz .nii .nrrd .nhdr .mha .mhd) and each DICOM series in a folder is a case; a CSV manifest lists\n"
+               "path[,name] rows. OUT_DIR gets NAME.<format> per case (NAME.png with --preview, and contact_sheet.png) and\n"
+               "summary.csv (one row per case: status done/skipped/failed, error, liver mL, lesions, QC warnings, seconds,\n"
+               "worker, model). A rerun skips the cases finished with the same model version and redoes failed ones.\n"
+               "Exit status: 0 every case done or skipped; 3 some case failed (the rest are written); 2 a usage or input\n"
+               "error before any case ran; 130 interrupted (finished cases are kept; rerun the command to go on).")
+    batch.add_argument("inputs", nargs="+", metavar="INPUT", help="CT files, folders of CT files and DICOM series, or CSV manifests")
+    batch.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR", help="folder for the outputs and summary.csv (created if missing)")
+    batch.add_argument("--workers", type=int, help="local worker processes (default: the cores, fewer if memory is short); ignored with --scheduler")
+    batch.add_argument("--scheduler", metavar="ADDRESS", help="use the running Dask cluster at this scheduler address (tcp://host:8786) as it is; its workers need liverseg installed and the paths readable")
+    batch.add_argument("--device", default="auto", choices=DEVICES)
+    batch.add_argument("--runtime", default="auto", choices=RUNTIMES)
+    batch.add_argument("--model", help="model card JSON (default: the bundled model)")
+    batch.add_argument("--format", default="nii.gz", choices=tuple(BATCH_FORMATS), help="output per case: label map .nii.gz, Slicer .seg.nrrd, or DICOM SEG .dcm (DICOM series only)")
+    batch.add_argument("--preview", action="store_true", help="a sheet NAME.png per case and contact_sheet.png of the cohort (needs matplotlib: the preview extra)")
+    batch.add_argument("--no-lesions", action="store_true", help="liver only")
+    batch.add_argument("--no-postprocess", action="store_true", help="keep every liver component and hole")
     series = commands.add_parser("series", help="list the DICOM series in a folder")
     series.add_argument("folder")
     export = commands.add_parser("export-onnx", help="write a model's ONNX graph beside its weights (which it reads from the safetensors file) and record it in the card, so that the CPU runs it without torch; needs torch and onnx")
@@ -107,9 +126,10 @@ def _check_preview(path: str | None) -> Path | None:
 
 
 def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
-    from .io import check_input_path, read_ct, read_dicom_series, select_series
+    from .case import DICOM_SEG_SUFFIX, CaseInput, read_case, write_case
+    from .io import check_input_path, select_series
     from .model import BUNDLED_CARD
-    from .outputs import OUTPUT_SUFFIXES, check_output_path, check_report_path, summary_line, volume_report, write_report, write_segmentation
+    from .outputs import OUTPUT_SUFFIXES, check_output_path, check_report_path, summary_line
 
     if args.batch_size is not None and args.batch_size < 1:
         raise LiverSegInputError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -120,22 +140,13 @@ def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
     if output.exists() and output.resolve() == input_path.resolve():
         raise LiverSegInputError(f"output would overwrite the input: {output}")
     stage = events.stage if events else (lambda name: None)
-    series = None
     stage("reading")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="liverseg-model") as pool:
         # The model loads (torch import, weight check, ONNX session or CUDA start-up) while the CT is read:
         # SimpleITK releases the GIL while it decodes, so the two overlap (benchmarks/README.md).
         loading = pool.submit(_load_segmenter, args.model or BUNDLED_CARD, args.device, args.runtime)
-        if str(output).lower().endswith(DICOM_SEG_SUFFIX):
-            if not input_path.is_dir():
-                raise LiverSegInputError(f"a DICOM SEG output ({output.name}) needs a DICOM series folder as input")
-            from .dicom_seg import source_datasets
-
-            series = select_series(input_path, args.series)
-            seg_sources = source_datasets(series)
-            image = read_dicom_series(series)
-        else:
-            image = read_ct(input_path, args.series)
+        case = CaseInput(input_path, select_series(input_path, args.series) if input_path.is_dir() else None)
+        read = read_case(case, output)
         stage("loading model")
         segmenter = loading.result()
     stage("segmenting")
@@ -147,7 +158,7 @@ def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
         progress, close = None, (lambda: None)
     try:
         result = segmenter.segment(
-            image,
+            read.image,
             lesions=not args.no_lesions,
             postprocess=not args.no_postprocess,
             batch_size=args.batch_size,
@@ -156,19 +167,7 @@ def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
     finally:
         close()
     stage("writing")
-    if series is not None:
-        from .dicom_seg import write_dicom_seg
-
-        write_dicom_seg(result, series, output, lesions=not args.no_lesions, datasets=seg_sources)
-    else:
-        write_segmentation(result, output, lesions=not args.no_lesions)
-    report = volume_report(image, result, str(input_path), str(output))
-    if preview is not None:  # before the reports: a Markdown report never links a sheet that is not there
-        from .preview import write_preview
-
-        write_preview(image, result.label_image, report, preview)
-    for path in reports:
-        write_report(report, path, preview=preview)
+    report = write_case(case, read, result, output, not args.no_lesions, preview, tuple(reports))
     for warning in result.qc_warnings:
         _warn(warning, events)
     if events:
@@ -181,6 +180,64 @@ def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
     if report["lesions_segmented"] and not report["lesions_validated"]:
         print("note: lesion output is experimental (cross-validated lesion Dice below 0.5; see the model card)")
     return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .batch import BatchOptions, check_out_dir, connect, find_cases, remove_partial_files, run_batch, unfinished
+    from .model import BUNDLED_CARD, read_card
+    from .runtime import usable_cores
+
+    if args.workers is not None and args.workers < 1:
+        raise LiverSegInputError(f"--workers must be at least 1, got {args.workers}")
+    if args.preview:
+        from .preview import check_matplotlib
+
+        check_matplotlib()
+    card_path = str(Path(args.model or BUNDLED_CARD).resolve())
+    read_card(card_path)  # a wrong --model is one line now, not a failure in every task
+    cases = find_cases(args.inputs)
+    if not cases:
+        raise LiverSegInputError("no CT file, DICOM series or manifest row found in: " + " ".join(args.inputs))
+    options = BatchOptions(check_out_dir(args.output_dir).resolve(), BATCH_FORMATS[args.format], card_path, args.device,
+                           args.runtime, not args.no_lesions, not args.no_postprocess, args.preview)
+    on_row, close_bar = _batch_progress(len(cases))
+    client, cluster = connect(args.scheduler, args.workers, usable_cores())
+    try:
+        run = run_batch(cases, options, client, on_row)
+    finally:
+        close_bar()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    for batch_case in unfinished(cases, run):
+        remove_partial_files(options, batch_case.name)
+    if args.preview:
+        from .preview import write_contact_sheets
+
+        for path in write_contact_sheets(run.rows, options.out_dir):
+            print(f"contact sheet: {path}", file=sys.stderr)
+    counts = ", ".join(f"{run.count(s)} {s}" for s in ("done", "skipped", "failed"))
+    print(f"{options.out_dir / 'summary.csv'}: {len(cases)} case(s): {counts}" + (" (interrupted; rerun to go on)" if run.interrupted else ""))
+    return run.exit_code
+
+
+def _batch_progress(total: int):
+    """A progress bar on a terminal (failures printed above it), else one line per finished case (logs)."""
+    from .batch import format_row, print_row
+
+    if not sys.stderr.isatty():
+        return print_row, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="cases", unit="case", file=sys.stderr)
+
+    def on_row(row: dict, finished: int, total: int) -> None:
+        if row.get("status") == "failed":
+            bar.write(format_row(row), file=sys.stderr)
+        bar.n = finished
+        bar.refresh()
+
+    return on_row, bar.close
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
@@ -249,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always")  # the same warning for a second input is still said
         warnings.showwarning = lambda message, *rest: _warn(str(message), events)
         try:
-            command = {"segment": lambda: _segment(args, events), "series": lambda: _series(args), "export-onnx": lambda: _export_onnx(args)}
+            command = {"segment": lambda: _segment(args, events), "batch": lambda: _batch(args), "series": lambda: _series(args), "export-onnx": lambda: _export_onnx(args)}
             return command[args.command]()
         except LiverSegInputError as error:
             return _fail(f"error: {error}", EXIT_INPUT_ERROR, events)

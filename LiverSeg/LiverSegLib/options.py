@@ -1,5 +1,6 @@
-"""What a user can name for ``device`` and ``runtime``: kept free of torch so that the CLI can offer the
+"""What a user can name for ``device``, ``runtime`` and a batch's output ``format``: kept free of torch so that the CLI can offer the
 choices, and refuse others, before anything heavy is imported."""
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 RUNTIMES = ("auto", "torch", "onnxruntime")
+BATCH_FORMATS = {"nii.gz": ".nii.gz", "seg.nrrd": ".seg.nrrd", "dcm": ".dcm"}  # --format → output suffix

@@ -42,6 +42,8 @@ SHEET_WIDTH_PX = 1200
 SHEET_DPI = 100
 GREY_LEVELS = 96  # of the palette PNG: a 4 HU step in the window, small files, no visible banding
 BODY_HU = -500  # above this: the body (and the table), for the crop
+FAILED_RGB = (0.86, 0.15, 0.15)  # contact sheet frames: a failed case, a case with QC warnings
+FLAGGED_RGB = (0.95, 0.6, 0.1)
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ def sheet_palette() -> list[int]:
     never merged into the greys) and the file stays small (few grey levels compress well).
     """
     colours = [(v, v, v) for v in np.linspace(0, 255, GREY_LEVELS).round().astype(int)]
-    colours += [tuple(round(255 * c) for c in rgb) for rgb in (BACKGROUND_RGB, TEXT_RGB)]
+    colours += [tuple(round(255 * c) for c in rgb) for rgb in (BACKGROUND_RGB, TEXT_RGB, FAILED_RGB, FLAGGED_RGB)]
     for spec in (LIVER, LIVER_LESION):
         rgb = np.array(spec.color_rgb) * 255
         colours.append(tuple(int(c) for c in rgb.round()))
@@ -250,3 +252,84 @@ def write_preview(ct: sitk.Image, label: sitk.Image, report: dict, path: str | o
     with atomic_output(path, PREVIEW_SUFFIX) as temporary:
         Path(temporary).write_bytes(data)
     return len(data)
+
+
+CONTACT_COLUMNS = 6
+CONTACT_ROWS = 8  # 48 cases a page: a cohort of hundreds is a few pages, each a few MB at most
+CONTACT_TILE_PX = 300
+CONTACT_CAPTION_CHARS = 52  # a caption line that fits under a tile at 7.5 pt
+EMPTY_TILE_ASPECT = 0.75  # height / width of a tile without a sheet (a failed case)
+
+
+def contact_caption(row: dict) -> tuple[str, tuple[float, float, float] | None]:
+    """A tile's caption and frame colour: red for a failed case, orange for a case with QC warnings."""
+    if row.get("status") == "failed":
+        return f"{row['name']}\nFAILED", FAILED_RGB
+    lesions = f", {row['lesion_count']} lesion(s)" if str(row.get("lesion_count", "")) not in ("", "None") else ""
+    caption = f"{row['name']}\nliver {float(row['liver_ml']):.0f} mL{lesions}"
+    if row.get("qc_warnings"):
+        return caption + "\n" + textwrap.shorten("QC: " + str(row["qc_warnings"]), CONTACT_CAPTION_CHARS), FLAGGED_RGB
+    return caption, None
+
+
+def _thumbnail(path: Path, width_px: int) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as sheet:
+            sheet = sheet.convert("RGB")
+            sheet.thumbnail((width_px, width_px * 2))
+            return np.asarray(sheet)
+    except OSError:
+        return None
+
+
+def contact_sheet_figure(rows: list[dict], out_dir: Path):
+    """One page of the cohort: each case's sheet as a thumbnail with its name and liver volume; failed and
+    QC-flagged cases framed in red and orange, so they are the first thing seen."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = min(CONTACT_COLUMNS, max(1, len(rows)))
+    lines = -(-len(rows) // columns)
+    tile_in = CONTACT_TILE_PX / SHEET_DPI
+    figure = Figure(figsize=(columns * tile_in, lines * tile_in * 1.05 + 0.3), dpi=SHEET_DPI, facecolor=BACKGROUND_RGB)
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(lines, columns, left=0.01, right=0.99, top=1 - 0.3 / (lines * tile_in * 1.05 + 0.3),
+                               bottom=0.01, hspace=0.35, wspace=0.05)
+    failed = sum(1 for row in rows if row.get("status") == "failed")
+    flagged = sum(1 for row in rows if row.get("status") != "failed" and row.get("qc_warnings"))
+    figure.suptitle(f"LiverSeg cohort: {len(rows)} cases, {failed} failed (red), {flagged} with QC warnings (orange)",
+                    color=TEXT_RGB, fontsize=11, y=1 - 0.12 / (lines * tile_in * 1.05 + 0.3), va="top")
+    for index, row in enumerate(rows):
+        ax = figure.add_subplot(grid[index // columns, index % columns])
+        ax.set_facecolor(BACKGROUND_RGB)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        caption, frame = contact_caption(row)
+        thumbnail = _thumbnail(out_dir / row["preview"], CONTACT_TILE_PX) if row.get("preview") else None
+        if thumbnail is not None:
+            ax.imshow(thumbnail, interpolation="antialiased")
+        else:  # a blank tile of a sheet's shape, with the error (failed) or a note in it
+            ax.imshow(np.broadcast_to(np.array(BACKGROUND_RGB), (round(EMPTY_TILE_ASPECT * CONTACT_TILE_PX), CONTACT_TILE_PX, 3)))
+            note = "\n".join(textwrap.wrap(str(row.get("error", "")), 40)[:6]) if row.get("status") == "failed" else "no sheet"
+            ax.text(0.5, 0.5, note, color=frame or TEXT_RGB, ha="center", va="center", transform=ax.transAxes, fontsize=7.5)
+        for spine in ax.spines.values():
+            spine.set_color(frame or BACKGROUND_RGB)
+            spine.set_linewidth(3 if frame else 0.5)
+        ax.set_xlabel(caption, color=frame or TEXT_RGB, fontsize=7.5, labelpad=2)
+    return figure
+
+
+def write_contact_sheets(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
+    """``contact_sheet.png`` (then ``contact_sheet_2.png``… for more than 48 cases), written atomically."""
+    out_dir = Path(out_dir)
+    page_size = CONTACT_COLUMNS * CONTACT_ROWS
+    written = []
+    for page, start in enumerate(range(0, len(rows), page_size), start=1):
+        path = out_dir / ("contact_sheet.png" if page == 1 else f"contact_sheet_{page}.png")
+        data = sheet_png(contact_sheet_figure(rows[start:start + page_size], out_dir))
+        with atomic_output(path, PREVIEW_SUFFIX) as temporary:
+            Path(temporary).write_bytes(data)
+        written.append(path)
+    return written
