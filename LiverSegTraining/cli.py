@@ -48,7 +48,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="liverseg-evaluate", description="Per-case Dice, IoU, accuracy, ASSD, HD95 and volume error of a model.")
+    parser = argparse.ArgumentParser(prog="liverseg-evaluate", description="Per-case Dice, IoU, accuracy, ASSD, HD95, volume error, lesion recall and false lesions of a model.")
     parser.add_argument("--model", help="model card JSON (default: the bundled model)")
     parser.add_argument("--data", required=True, help="data folder")
     parser.add_argument("--layout", default="cases", help="cases | ircad | lits | msd | slices")

@@ -29,7 +29,16 @@ from .train import TrainResult, train
 
 log = logging.getLogger(__name__)
 LESION_DICE_BAR = 0.5
-SUMMARY_KEYS = ("liver_dice", "liver_iou", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice")
+SUMMARY_KEYS = (
+    "liver_dice", "liver_iou", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice",
+    "lesion_recall", "lesion_false_count", "lesion_false_ml",
+)
+HIGHER_IS_BETTER = ("_dice", "_iou", "_recall")  # the worst case of these is the lowest; of the others the largest in size
+TABLE_COLUMNS = (
+    "case", "liver_dice", "liver_iou", "liver_accuracy", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct",
+    "lesion_dice", "lesion_iou", "lesion_assd_mm", "lesion_hd95_mm", "lesion_volume_error_pct",
+    "lesion_true_count", "lesion_detected_count", "lesion_recall", "lesion_false_count", "lesion_false_ml",
+)
 
 
 def load_cases(config: TrainConfig) -> list[Case]:
@@ -110,13 +119,14 @@ def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], ou
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:
-    """Mean and worst case of each figure: lowest overlap, largest distance, largest absolute volume error."""
+    """Mean and worst case of each figure: lowest overlap or lesion recall; largest distance, absolute volume
+    error, false-lesion count or volume. Unmeasured figures (NaN: no lesion label, no true lesion) are left out."""
     summary = {}
     for key in SUMMARY_KEYS:
         values = [float(r[key]) for r in rows if key in r and not math.isnan(float(r[key]))]
         if values:
             summary[f"mean_{key}"] = float(np.mean(values))
-            if key.endswith(("_dice", "_iou")):
+            if key.endswith(HIGHER_IS_BETTER):
                 summary[f"worst_{key}"] = float(np.min(values))
             else:
                 summary[f"worst_{key}"] = float(max(values, key=abs))
@@ -133,7 +143,9 @@ def write_table(rows: list[dict], path_stem: Path) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = ["case", "liver_dice", "liver_iou", "liver_accuracy", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice", "lesion_iou", "lesion_assd_mm", "lesion_hd95_mm", "lesion_volume_error_pct"]
+    """Markdown table of the per-case figures; a figure not measured on a case (no lesion label: no lesion
+    Dice, no recall) reads n/a, while false lesions are counted on every case."""
+    columns = TABLE_COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -167,7 +179,10 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
         row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png")
         row["trained_on"] = " ".join(c.name for c in train_cases)
         rows.append(row)
-        log.info("fold %s: liver Dice %.4f, lesion Dice %s", test.name, row["liver_dice"], row.get("lesion_dice", "n/a"))
+        log.info(
+            "fold %s: liver Dice %.4f, lesion Dice %s, lesions found %d of %d, false lesions %d (%.1f mL)", test.name, row["liver_dice"],
+            row.get("lesion_dice", "n/a"), row["lesion_detected_count"], row["lesion_true_count"], row["lesion_false_count"], row["lesion_false_ml"],
+        )
     summary = summarise(rows)
     lesion_dices = [float(r["lesion_dice"]) for r in rows if "lesion_dice" in r]
     summary["lesions_validated"] = bool(lesion_dices) and min(lesion_dices) >= LESION_DICE_BAR
@@ -194,6 +209,11 @@ def write_results(rows: list[dict], summary: dict, path: Path, command: str) -> 
 Leave-one-patient-out over the expert-labelled volumes; each held-out CT is segmented by the full
 engine (reorientation, preprocessing, network, post-processing, mapping back to the input grid) and
 compared with its expert label at full resolution. Model-made labels are never test cases.
+
+Lesions are also counted one by one (26-connected 3D components): a true lesion is detected when a
+predicted lesion overlaps it by at least one voxel (`lesion_recall` = detected / true, n/a without true
+lesions); a predicted lesion that overlaps no true lesion is a false lesion (`lesion_false_count`,
+`lesion_false_ml`), counted on every case, including livers labelled without lesions.
 
 Command: `{command}`
 

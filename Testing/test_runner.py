@@ -20,6 +20,9 @@ def test_cross_validation_by_patient(data_root, tmp_path):
     assert [r["case"] for r in rows] == ["ircad_01", "ircad_17"]
     assert [r["trained_on"] for r in rows] == ["ircad_17", "ircad_01"]
     assert all(0.0 <= r["liver_dice"] <= 1.0 and "lesion_dice" in r for r in rows)
+    # Per-lesion detection on every fold (ircad_01 has 7 tumours, ircad_17 has 2).
+    assert [r["lesion_true_count"] for r in rows] == [7, 2]
+    assert all(0 <= r["lesion_detected_count"] <= r["lesion_true_count"] and r["lesion_false_count"] >= 0 for r in rows)
     assert (tmp_path / "cv" / "crossval.csv").read_text(encoding="utf-8").count("\n") == 3
     assert [r["case"] for r in read_strict_json(tmp_path / "cv" / "crossval.json")] == ["ircad_01", "ircad_17"]
     for case in ("ircad_01", "ircad_17"):  # the held-out case, segmented by the full engine
@@ -37,7 +40,8 @@ def test_crossval_folds_option(data_root, tmp_path, capsys):
     config_path = str(PROJECT_ROOT / "LiverSegTraining/configs/bundled.toml")
     assert train_main([config_path, *argv]) == 0
     assert sorted(p.name for p in (tmp_path / "cv").iterdir() if p.is_dir()) == ["fold_ircad_17"]
-    assert "| ircad_17 |" in (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
+    results = (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
+    assert "| ircad_17 |" in results and "| lesion_recall | lesion_false_count | lesion_false_ml |" in results
     assert train_main([config_path, *argv[:2], "ircad_99", *argv[3:]]) == 2
     assert "ircad_99" in capsys.readouterr().err
     assert train_main([config_path, "--folds", "ircad_17"]) == 2
