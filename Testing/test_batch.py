@@ -4,6 +4,7 @@ processes on real CTs, a bad input among them, resuming without redoing, and a w
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import signal
 import subprocess
@@ -200,3 +201,62 @@ def test_a_worker_killed_mid_run_has_its_case_rerun(tmp_path, data_root):
     assert all(row["status"] == "done" for row in rows.values()), rows
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["ircad_07.nii.gz", "ircad_17.nii.gz", "small.nii.gz"]
     assert partial_files(out) == []
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_goes_on(tmp_path, data_root):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it: exit 130, the finished case kept
+    and in the summary, nothing half-written; the rerun does the rest and skips the finished one."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    shutil.copy(data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", cohort / "a_small.nii.gz")
+    for name in ("ircad_07", "ircad_17"):
+        shutil.copy(data_root / "cases" / name / "ct.nii.gz", cohort / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "LiverSegLib.cli", "batch", str(cohort), "-o", str(out), "--workers", "2", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        first = process.stderr.readline()
+        assert first.startswith("[1/3] a_small: done"), first
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    rows = summary_rows(out)
+    assert rows["a_small"]["status"] == "done"
+    finished = {name for name, row in rows.items() if row["status"] == "done"}
+    assert {p.name.removesuffix(".nii.gz") for p in out.glob("*.nii.gz")} == finished
+    assert partial_files(out) == []
+    again = batch_cli(str(cohort), "-o", str(out), "--workers", "2", "--device", "cpu")
+    assert again.returncode == EXIT_ALL_DONE, again.stderr
+    rows = summary_rows(out)
+    assert rows["a_small"]["status"] == "skipped" and rows["ircad_07"]["status"] in ("done", "skipped")
+
+
+def test_an_existing_cluster_by_its_scheduler_address_and_dicom_seg_output(tmp_path, data_root):
+    """--scheduler: the command submits to a cluster it did not start and leaves it running; a DICOM series
+    in, a DICOM SEG out (readable, referencing the series); a NIfTI case with --format dcm fails alone."""
+    import pydicom
+    from distributed import Client, LocalCluster
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(data_root / "dicom" / "dcmqi_ct3slice" / "CT", cohort / "study" / "CT")
+    shutil.copy(data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", cohort / "volume.nii.gz")
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        done = batch_cli(str(cohort), "-o", str(out), "--scheduler", cluster.scheduler_address, "--device", "cpu", "--format", "dcm")
+        with Client(cluster) as client:
+            assert len(client.scheduler_info()["workers"]) == 1  # still there
+    assert done.returncode == EXIT_SOME_FAILED, done.stderr
+    rows = summary_rows(out)
+    assert rows["volume"]["status"] == "failed" and "needs a DICOM series" in rows["volume"]["error"]
+    assert rows["study_CT"]["status"] == "done"
+    seg = pydicom.dcmread(out / "study_CT.dcm")
+    source = pydicom.dcmread(next((cohort / "study" / "CT").iterdir()), stop_before_pixels=True)
+    assert seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    bad = batch_cli(str(cohort), "-o", str(tmp_path / "o2"), "--scheduler", "tcp://127.0.0.1:9", "--device", "cpu")
+    assert bad.returncode == 2 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
