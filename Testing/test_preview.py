@@ -15,7 +15,7 @@ from PIL import Image
 
 from LiverSegLib.cli import main
 from LiverSegLib.outputs import volume_report
-from LiverSegLib.preview import SHEET_WIDTH_PX, write_preview
+from LiverSegLib.preview import BACKGROUND_RGB, FAILED_RGB, FLAGGED_RGB, SHEET_WIDTH_PX, write_contact_sheets, write_preview
 from LiverSegLib.segments import LIVER, LIVER_LESION
 
 MAX_SHEET_BYTES = 400 * 1024
@@ -120,3 +120,26 @@ def test_sheet_bytes_are_a_png(data_root, tmp_path):
     data = (tmp_path / "s.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(io.BytesIO(data)).size[0] == SHEET_WIDTH_PX
+
+
+def test_contact_sheet_frames_failed_cases_red_and_flagged_ones_orange(data_root, tmp_path):
+    """The cohort's contact sheet: a thumbnail per case; red only when a case failed, orange only when one has
+    QC warnings; 48 cases a page."""
+    ct, label = read_case(data_root, "ircad_17")
+    write_preview(ct, label, expert_report(label), tmp_path / "a.png")
+    done = {"name": "a", "status": "done", "preview": "a.png", "liver_ml": "1900.0", "lesion_count": "2", "qc_warnings": ""}
+    failed = {"name": "b", "status": "failed", "error": "not a readable image: b.nii.gz"}
+    flagged = {**done, "name": "c", "qc_warnings": "the liver reaches the first or last slice"}
+    figures = {}
+    for name, rows in (("clean", [done]), ("failed", [done, failed]), ("flagged", [done, flagged])):
+        (folder := tmp_path / name).mkdir()
+        (folder / "a.png").write_bytes((tmp_path / "a.png").read_bytes())
+        [page] = write_contact_sheets(rows, folder)
+        assert page.name == "contact_sheet.png"
+        pixels = np.asarray(Image.open(page).convert("RGB"))
+        figures[name] = (colour_pixels(pixels, FAILED_RGB), colour_pixels(pixels, FLAGGED_RGB), pixels[..., 0].size - colour_pixels(pixels, BACKGROUND_RGB))
+    assert figures["clean"][:2] == (0, 0) and figures["clean"][2] > 30_000  # the thumbnail: a 300-px-wide sheet
+    assert figures["failed"][0] > 500 and figures["failed"][1] == 0
+    assert figures["flagged"][1] > 500 and figures["flagged"][0] == 0
+    pages = write_contact_sheets([{**failed, "name": f"case{i}"} for i in range(49)], tmp_path)
+    assert [p.name for p in pages] == ["contact_sheet.png", "contact_sheet_2.png"]
