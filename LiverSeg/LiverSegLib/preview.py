@@ -311,7 +311,9 @@ def contact_sheet_figure(rows: list[dict], out_dir: Path):
         if thumbnail is not None:
             ax.imshow(thumbnail, interpolation="antialiased")
         else:  # a blank tile of a sheet's shape, with the error (failed) or a note in it
-            ax.imshow(np.broadcast_to(np.array(BACKGROUND_RGB), (round(EMPTY_TILE_ASPECT * CONTACT_TILE_PX), CONTACT_TILE_PX, 3)))
+            ax.set_xlim(0, CONTACT_TILE_PX)
+            ax.set_ylim(EMPTY_TILE_ASPECT * CONTACT_TILE_PX, 0)
+            ax.set_aspect("equal")
             note = "\n".join(textwrap.wrap(str(row.get("error", "")), 40)[:6]) if row.get("status") == "failed" else "no sheet"
             ax.text(0.5, 0.5, note, color=frame or TEXT_RGB, ha="center", va="center", transform=ax.transAxes, fontsize=7.5)
         for spine in ax.spines.values():
