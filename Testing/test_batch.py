@@ -89,6 +89,7 @@ def test_default_workers_follow_cores_and_memory():
     assert default_workers(cores=16, available_memory_bytes=64 * gigabyte) == 16
     assert default_workers(cores=16, available_memory_bytes=5_000_000_000) == 2  # 2.5 GB a worker
     assert default_workers(cores=4, available_memory_bytes=gigabyte) == 1
+    assert default_workers(cores=16, available_memory_bytes=64 * gigabyte, gpu=True) == 1
 
 
 def test_partial_files_of_a_case_are_removed_and_complete_ones_kept(tmp_path):

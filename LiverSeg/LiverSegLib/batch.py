@@ -290,9 +290,19 @@ def already_done(batch_case: BatchCase, previous: dict | None, options: BatchOpt
 # --- the driver ---------------------------------------------------------------------------------------
 
 
-def default_workers(cores: int, available_memory_bytes: int) -> int:
-    """As many worker processes as there are cores, but no more than the memory holds at a worker's peak."""
+def default_workers(cores: int, available_memory_bytes: int, gpu: bool = False) -> int:
+    """On the CPU as many worker processes as there are cores, but no more than the memory holds at a
+    worker's peak; on a GPU one (each worker would hold its own model and CUDA context on the one device)."""
+    if gpu:
+        return 1
     return max(1, min(cores, available_memory_bytes // WORKER_PEAK_MEMORY_BYTES))
+
+
+def uses_gpu(device: str) -> bool:
+    """Whether the workers will run on a GPU: asked for, or ``auto`` on a machine with one."""
+    from .inference import nvidia_gpu_present
+
+    return device in ("cuda", "mps") or (device == "auto" and (nvidia_gpu_present() or sys.platform == "darwin"))
 
 
 @dataclass
@@ -325,7 +335,7 @@ def _local_cluster(workers: int, threads_per_worker: int):
                             silence_logs=40, memory_limit="auto")
 
 
-def connect(scheduler: str | None, workers: int | None, cores: int) -> tuple:
+def connect(scheduler: str | None, workers: int | None, cores: int, device: str = "cpu") -> tuple:
     """A Dask client: to the cluster at ``scheduler`` as it is, else to a new local cluster (returned too,
     to be closed) of ``workers`` processes (default: ``default_workers``)."""
     from distributed import Client
@@ -337,7 +347,7 @@ def connect(scheduler: str | None, workers: int | None, cores: int) -> tuple:
             raise LiverSegInputError(f"cannot reach the Dask scheduler at {scheduler}: {str(error).splitlines()[0]}") from None
     import psutil
 
-    count = workers or default_workers(cores, psutil.virtual_memory().available)
+    count = workers or default_workers(cores, psutil.virtual_memory().available, uses_gpu(device))
     cluster = _local_cluster(count, max(1, cores // count))
     return Client(cluster), cluster
 

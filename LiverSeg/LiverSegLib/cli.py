@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                "error before any case ran; 130 interrupted (finished cases are kept; rerun the command to go on).")
     batch.add_argument("inputs", nargs="+", metavar="INPUT", help="CT files, folders of CT files and DICOM series, or CSV manifests")
     batch.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR", help="folder for the outputs and summary.csv (created if missing)")
-    batch.add_argument("--workers", type=int, help="local worker processes (default: the cores, fewer if memory is short); ignored with --scheduler")
+    batch.add_argument("--workers", type=int, help="local worker processes (default on the CPU: the cores, fewer if memory is short; on a GPU: 1); ignored with --scheduler")
     batch.add_argument("--scheduler", metavar="ADDRESS", help="use the running Dask cluster at this scheduler address (tcp://host:8786) as it is; its workers need liverseg installed and the paths readable")
     batch.add_argument("--device", default="auto", choices=DEVICES)
     batch.add_argument("--runtime", default="auto", choices=RUNTIMES)
@@ -201,7 +201,7 @@ def _batch(args: argparse.Namespace) -> int:
     options = BatchOptions(check_out_dir(args.output_dir).resolve(), BATCH_FORMATS[args.format], card_path, args.device,
                            args.runtime, not args.no_lesions, not args.no_postprocess, args.preview)
     on_row, close_bar = _batch_progress(len(cases))
-    client, cluster = connect(args.scheduler, args.workers, usable_cores())
+    client, cluster = connect(args.scheduler, args.workers, usable_cores(), args.device)
     try:
         run = run_batch(cases, options, client, on_row)
     finally:
