@@ -4,10 +4,17 @@ Geometry (crop, rotation, scale, shear, translation) is one affine per sample, s
 for the image (bilinear) and the masks (bilinear, re-thresholded at one half). Left-right flips are off
 by default: they would teach the network a liver on the patient's left. Reversing the neighbour order
 of the 2.5D stack (a craniocaudal flip) is harmless and on.
+
+Other scanners differ in noise, calibration and contrast, field of view and slice thickness. Contrast,
+brightness, gamma and a fixed noise level have always been on; a per-sample noise level in HU, a circular
+field of view that cuts the liver at the image edge, and slice thickness (``thick_slab``, applied by
+``data.SliceSampler`` where the whole volume is at hand) are off by default, so that a config that does
+not enable them trains bit for bit as before: they draw no random numbers when off.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +37,32 @@ class AugmentConfig:
     elastic_probability: float = 0.0
     elastic_magnitude: float = 0.03  # standard deviation of the control-point shift, fraction of the image side
     elastic_control_points: int = 5
+    # Intensities, in the model's normalised units (the card's HU window mapped to [0, 1]; with the default
+    # 500 HU window 0.01 is 5 HU): x → clamp(x)^gamma, then (x − 0.5)·contrast + 0.5 + brightness, then
+    # Gaussian noise of std noise_std, each factor drawn per sample from its range.
     contrast: tuple[float, float] = (0.85, 1.15)
-    brightness: float = 0.05
+    brightness: float = 0.05  # offset drawn from ±brightness (calibration differences between scanners)
     gamma: tuple[float, float] = (0.8, 1.25)
     noise_std: float = 0.02
+    # Scanner noise: a per-sample Gaussian noise level, std drawn from noise_hu in HU (converted through
+    # the card's window), added on the model grid (the engine's resizing to input_size already averages a
+    # native scan's pixels, so the same scanner's noise is smaller here), only where the pixel lies inside
+    # the window: air and bone clipped at its ends stay clipped, as on a real noisy scan. (0, 0): off.
+    noise_hu: tuple[float, float] = (0.0, 0.0)
+    # Field of view: with fov_probability, the sample becomes a smaller scan: a square window of
+    # fov_fraction of the side (anywhere inside the image) zoomed to fill the grid, as a reconstruction
+    # with a smaller field of view appears after the engine's resizing, and everything outside the
+    # reconstruction circle inscribed in the grid is set to air (image 0) and unlabelled (masks 0). The
+    # liver is then often cut at the image edge; the network learns to segment it as far as it goes.
+    fov_probability: float = 0.0
+    fov_fraction: tuple[float, float] = (0.6, 0.9)
+    # Slice thickness (data.SliceSampler, on the prepared volume): with thickness_probability, the 2.5D
+    # stack and the labels come from the volume resampled in z to a thickness drawn from thickness_mm:
+    # each channel is the mean over a slab of that thickness (box slice profile), the neighbours lie that
+    # far apart, and the masks are the slab mean of the labels thresholded at one half. A slab never gets
+    # thinner than the native slices (nothing finer can be made up); only the neighbours come closer.
+    thickness_probability: float = 0.0
+    thickness_mm: tuple[float, float] = (1.0, 5.0)
 
 
 def _uniform(low: float, high: float, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,6 +91,64 @@ def random_affines(batch: int, config: AugmentConfig, generator: torch.Generator
     return torch.where(apply, torch.cat([linear, translation[:, :, None]], 2), identity)
 
 
+def random_fields_of_view(batch: int, config: AugmentConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(applied (B,), zoom (B,), centre (B, 2)): the window of each sample's field of view in ``affine_grid``
+    units, a fraction of the side placed anywhere inside the image; zoom 1 and centre 0 where not applied."""
+    applied = torch.rand(batch, generator=generator) < config.fov_probability
+    zoom = torch.where(applied, _uniform(*config.fov_fraction, batch, generator), torch.ones(batch))
+    centre = (torch.rand(batch, 2, generator=generator) * 2 - 1) * (1 - zoom)[:, None]
+    return applied, zoom, centre
+
+
+def with_field_of_view(theta: torch.Tensor, zoom: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """``theta`` applied after the field-of-view window: output u → zoom·u + centre → theta. One resampling
+    for both, so the image is interpolated once."""
+    linear, shift = theta[:, :, :2], theta[:, :, 2:]
+    return torch.cat([linear * zoom[:, None, None], linear @ centre[:, :, None] + shift], 2)
+
+
+def outside_reconstruction_circle(size: int) -> torch.Tensor:
+    """(size, size) True outside the circle inscribed in the grid (pixel centres, ``align_corners=False``)."""
+    centres = (2 * torch.arange(size, dtype=torch.float64) + 1) / size - 1
+    return centres[:, None] ** 2 + centres[None, :] ** 2 > 1
+
+
+def add_scanner_noise(image: torch.Tensor, noise_hu: tuple[float, float], window_hu: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise with a std drawn per sample from ``noise_hu`` (HU), on pixels inside the window."""
+    batch = image.shape[0]
+    std = _uniform(*noise_hu, batch, generator) / (window_hu[1] - window_hu[0])
+    noise = torch.randn(image.shape, generator=generator) * std[:, None, None, None]
+    inside = (image > 0) & (image < 1)
+    return torch.where(inside, image + noise.to(image.device, image.dtype), image)
+
+
+def slab_weights(centre: float, thickness: float, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weights) of the native slices that make a slab ``thickness`` slices thick around
+    ``centre`` (slice units; slice i covers [i − 0.5, i + 0.5]): each weight is the slice's overlap with the
+    slab, normalised to sum 1. Beyond the volume the edge slices repeat, as in ``slice_stack``."""
+    thickness = max(thickness, 1.0)  # a slab is at least one native slice: thinner would invent detail
+    low, high = centre - thickness / 2, centre + thickness / 2
+    cells = torch.arange(math.floor(low + 0.5), math.ceil(high - 0.5) + 1, dtype=torch.float64)
+    overlap = (torch.minimum(cells + 0.5, torch.tensor(high)) - torch.maximum(cells - 0.5, torch.tensor(low))).clamp(min=0)
+    return cells.long().clamp(0, depth - 1), overlap / overlap.sum()
+
+
+def thick_slab(volume: torch.Tensor, centre: float, thickness: float) -> torch.Tensor:
+    """Mean of ``volume`` (Z, ...) over a slab ``thickness`` slices thick around ``centre``, as float32."""
+    indices, weights = slab_weights(centre, thickness, volume.shape[0])
+    return torch.tensordot(weights.float(), volume[indices].float(), dims=1)
+
+
+def thick_slice_sample(
+    image: torch.Tensor, masks: torch.Tensor, z: int, context_slices: int, thickness_slices: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2.5D stack (C, n, n) and masks (K, n, n) that slice ``z`` of ``image`` (Z, n, n) and ``masks``
+    (Z, K, n, n) would give on a scan ``thickness_slices`` native slices thick and apart: each channel a slab
+    mean, neighbours ``thickness_slices`` away, the labels' slab mean thresholded at one half."""
+    stack = [thick_slab(image, z + k * thickness_slices, thickness_slices) for k in range(-context_slices, context_slices + 1)]
+    return torch.stack(stack), (thick_slab(masks, z, thickness_slices) >= 0.5).float()
+
+
 MAX_ELASTIC_SLOPE = 0.5  # largest change of the elastic shift per pixel, in pixels
 
 
@@ -81,16 +168,32 @@ def random_displacements(batch: int, size: int, config: AugmentConfig, generator
 
 
 def augment_batch(
-    image: torch.Tensor, masks: torch.Tensor, config: AugmentConfig, generator: torch.Generator
+    image: torch.Tensor,
+    masks: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator,
+    window_hu: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """image (B, C, n, n) in [0, 1], masks (B, K, n, n) in {0, 1} → augmented copies."""
+    """image (B, C, n, n) in [0, 1], masks (B, K, n, n) in {0, 1} → augmented copies. ``window_hu``, the
+    card's window, converts ``noise_hu`` to the image's units (needed only when that noise is on)."""
     batch = image.shape[0]
-    theta = random_affines(batch, config, generator).to(image.device, image.dtype)
+    theta = random_affines(batch, config, generator)
+    if config.fov_probability > 0:
+        fov_applied, zoom, centre = random_fields_of_view(batch, config, generator)
+        theta = with_field_of_view(theta, zoom, centre)
+    theta = theta.to(image.device, image.dtype)
     grid = F.affine_grid(theta, list(image.shape), align_corners=False)
     if config.elastic_probability > 0:
         grid = grid + random_displacements(batch, image.shape[-1], config, generator).to(grid.device, grid.dtype)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     masks = (F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False) >= 0.5).float()
+    if config.fov_probability > 0:
+        cut = fov_applied.to(image.device)[:, None, None, None] & outside_reconstruction_circle(image.shape[-1]).to(image.device)
+        image, masks = image.masked_fill(cut, 0.0), masks.masked_fill(cut, 0.0)
+    if config.noise_hu[1] > 0:
+        if window_hu is None:
+            raise ValueError("augment.noise_hu needs the model's window_hu")
+        image = add_scanner_noise(image, config.noise_hu, window_hu, generator)
 
     flip_lr = (torch.rand(batch, generator=generator) < config.flip_lr_probability).to(image.device)
     image = torch.where(flip_lr[:, None, None, None], image.flip(-1), image)
@@ -107,4 +210,4 @@ def augment_batch(
     return (image + noise).clamp_(0, 1), masks
 
 
-__all__ = ["AugmentConfig", "augment_batch", "random_affines", "random_displacements"]
+__all__ = ["AugmentConfig", "augment_batch", "random_affines", "random_displacements", "thick_slice_sample"]

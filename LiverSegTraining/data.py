@@ -13,18 +13,21 @@ from LiverSegLib.geometry import canonical_transform
 from LiverSegLib.model import ModelCard
 from LiverSegLib.preprocessing import prepare_label, prepare_volume, slice_stack
 
+from .augment import AugmentConfig, thick_slice_sample
 from .sources import Case
 
 
 @dataclass
 class PreparedCase:
-    """A case on the model grid: image (Z, n, n) float16 in [0, 1], masks (Z, 2, n, n) uint8."""
+    """A case on the model grid: image (Z, n, n) float16 in [0, 1], masks (Z, 2, n, n) uint8; slices
+    ``spacing_z_mm`` apart (what the slice-thickness augmentation resamples from)."""
 
     name: str
     image: torch.Tensor
     masks: torch.Tensor
     has_lesion_label: bool
     weak: bool
+    spacing_z_mm: float
 
     @property
     def liver_slices(self) -> torch.Tensor:
@@ -33,34 +36,46 @@ class PreparedCase:
 
 def prepare_case(case: Case, card: ModelCard, cache_dir: Path | None = None) -> PreparedCase:
     """Read, reorient and preprocess with the engine's own functions; reuse the cache when it matches."""
-    key = hashlib.sha1(f"{case.source}|{card.window_hu}|{card.input_size}|v2".encode()).hexdigest()[:12]  # v2: numpy resizing
+    # v2: numpy resizing; v3: the slice spacing is cached too
+    key = hashlib.sha1(f"{case.source}|{card.window_hu}|{card.input_size}|v3".encode()).hexdigest()[:12]
     cache_file = cache_dir / f"{case.name}-{key}.pt" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
-        image, masks = torch.load(cache_file, weights_only=True)
+        image, masks, spacing_z_mm = torch.load(cache_file, weights_only=True)
     else:
         ct, label = case.load()
         transform = canonical_transform(ct.GetDirection())
         image = torch.from_numpy(prepare_volume(transform.to_canonical(sitk.GetArrayViewFromImage(ct)), card.window_hu, card.input_size))
         image = image.half()
         masks = torch.from_numpy(prepare_label(transform.to_canonical(label), card.input_size))
+        spacing_z_mm = float(tuple(reversed(ct.GetSpacing()))[transform.axes[0]])  # canonical axis 0 is S
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save((image, masks), cache_file)
-    return PreparedCase(case.name, image, masks, case.has_lesion_label, weak=not case.is_expert)
+            torch.save((image, masks, spacing_z_mm), cache_file)
+    return PreparedCase(case.name, image, masks, case.has_lesion_label, weak=not case.is_expert, spacing_z_mm=spacing_z_mm)
 
 
 class SliceSampler:
     """Draws slice batches: a fraction from slices showing liver, the rest from any slice.
 
     Liver slices are a third of a CT or less; over-representing them spends the CPU on what matters,
-    while the remaining draws keep the network honest about empty slices.
+    while the remaining draws keep the network honest about empty slices. The slice-thickness
+    augmentation (``augment.thickness_probability``) happens here, where the whole volume is at hand:
+    a 2D batch holds only the three neighbouring slices, too few to resample in z.
     """
 
-    def __init__(self, cases: list[PreparedCase], liver_fraction: float, context_slices: int, weak_weight: float = 0.5):
+    def __init__(
+        self,
+        cases: list[PreparedCase],
+        liver_fraction: float,
+        context_slices: int,
+        weak_weight: float = 0.5,
+        augment: AugmentConfig | None = None,
+    ):
         self.cases = cases
         self.liver_fraction = liver_fraction
         self.context_slices = context_slices
         self.weak_weight = weak_weight
+        self.augment = augment or AugmentConfig()
         self.all_slices = [(c, z) for c, case in enumerate(cases) for z in range(case.image.shape[0])]
         self.liver_slices = [(c, int(z)) for c, case in enumerate(cases) for z in case.liver_slices]
 
@@ -73,11 +88,23 @@ class SliceSampler:
         images, masks, channel_mask, weights = [], [], [], []
         for case_index, z in picks:
             case = self.cases[case_index]
-            images.append(slice_stack(case.image, [z], self.context_slices)[0].float())
-            masks.append(case.masks[z].float())
+            image, mask = self.sample(case, z, generator)
+            images.append(image)
+            masks.append(mask)
             channel_mask.append(torch.tensor([1.0, 1.0 if case.has_lesion_label else 0.0]))
             weights.append(self.weak_weight if case.weak else 1.0)
         return torch.stack(images), torch.stack(masks), torch.stack(channel_mask), torch.tensor(weights)
+
+    def sample(self, case: PreparedCase, z: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack (C, n, n) and masks (2, n, n) of slice ``z``: as stored, or, with the thickness augmentation,
+        as a scan with slices of a random thickness in ``augment.thickness_mm`` would show them. No random
+        number is drawn when the augmentation is off, so configs without it sample exactly as before."""
+        probability = self.augment.thickness_probability
+        if probability > 0 and float(torch.rand(1, generator=generator)) < probability:
+            low_mm, high_mm = self.augment.thickness_mm
+            thickness_mm = low_mm + (high_mm - low_mm) * float(torch.rand(1, generator=generator))
+            return thick_slice_sample(case.image, case.masks, z, self.context_slices, thickness_mm / case.spacing_z_mm)
+        return slice_stack(case.image, [z], self.context_slices)[0].float(), case.masks[z].float()
 
 
 __all__ = ["PreparedCase", "SliceSampler", "prepare_case"]

@@ -154,7 +154,7 @@ def build(config: TrainConfig, train_cases: list[PreparedCase], device: torch.de
     optimizer = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     steps_per_cycle = schedule.epochs_per_cycle * schedule.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=steps_per_cycle, eta_min=schedule.min_lr)
-    sampler = SliceSampler(train_cases, schedule.liver_fraction, card.context_slices, schedule.weak_weight)
+    sampler = SliceSampler(train_cases, schedule.liver_fraction, card.context_slices, schedule.weak_weight, config.augment)
     network.train()
     return TrainingState(card, network, optimizer, scheduler, sampler, generator, device)
 
@@ -183,7 +183,7 @@ def train_steps(state: TrainingState, config: TrainConfig) -> tuple[float, Overl
     losses, counts = [], OverlapCounts()
     for _ in range(config.schedule.steps_per_epoch):
         images, masks, channel_mask, weight = state.sampler.batch(config.schedule.batch_size, state.generator)
-        images, masks = augment_batch(images, masks, config.augment, state.generator)
+        images, masks = augment_batch(images, masks, config.augment, state.generator, state.card.window_hu)
         logits = state.network(images.to(state.device))
         masks = masks.to(state.device)
         loss, _ = combined_loss(logits, masks, (channel_mask * weight[:, None]).to(state.device), config.loss)
