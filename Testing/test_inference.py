@@ -47,6 +47,36 @@ def test_masks_from_probabilities_skip_empty_slices_exactly():
     assert not masks[[1, 4]].any() and masks[[0, 2, 3, 5, 6]].reshape(5, -1).any(1).all()
 
 
+@pytest.mark.parametrize("side", [40, 16])  # resized back, or already on the slice grid's square
+def test_box_masks_hold_every_mask_voxel_and_equal_whole_slices(side):
+    """The masks are computed only inside the box where an upsampled probability can reach the threshold:
+    every voxel of the whole-slice masks lies in it, and inside it the masks are the whole slices' ones."""
+    from LiverSegLib.inference import mask_box, probabilities_to_box_masks
+
+    probabilities = np.random.default_rng(3).random((9, 2, 16, 16), dtype=np.float32) * 0.45
+    probabilities[2:6, 0, 5:9, 4:12] = 0.9  # an organ
+    probabilities[4, 1, 7, 10] = 0.6  # a lesion voxel at its edge
+    probabilities[7, 0, 2, 3] = 0.5  # exactly at the threshold, apart from it
+    grid = SliceGrid(side - 6, side)
+    whole = to_slice_grid(probabilities, grid) >= 0.5
+    box, boxed = probabilities_to_box_masks(probabilities, grid, 0.5, chunk_slices=2)
+    assert box == mask_box(probabilities, grid, 0.5) and box[0] == slice(2, 8)
+    assert np.array_equal(boxed, whole[box[0], :, box[1], box[2]])
+    outside = whole.copy()
+    outside[box[0], :, box[1], box[2]] = False
+    assert not outside.any() and boxed[:, 1].any() and boxed.size < whole.size / 3
+    assert np.array_equal(probabilities_to_masks(probabilities, grid, 0.5), whole)
+
+
+def test_no_probability_at_the_threshold_gives_an_empty_box():
+    from LiverSegLib.inference import probabilities_to_box_masks
+
+    probabilities = np.full((3, 2, 8, 8), 0.49, np.float32)
+    box, boxed = probabilities_to_box_masks(probabilities, SliceGrid(20, 20), 0.5)
+    assert box == (slice(0, 0),) * 3 and boxed.shape == (0, 2, 0, 0)
+    assert not probabilities_to_masks(probabilities, SliceGrid(20, 20), 0.5).any()
+
+
 def test_near_liver_pass_gives_the_same_probabilities_where_it_matters(data_root, segmenter):
     """On a real CT the probe-then-near-liver pass returns the whole pass's probabilities on every slice it
     runs, skips over 20 of its 151 slices, and runs every slice of the expert liver. Progress ends at its

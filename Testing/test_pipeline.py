@@ -60,3 +60,26 @@ def test_near_liver_pass_gives_the_label_map_of_the_whole_pass(data_root, segmen
     monkeypatch.setattr(pipeline, "predict_near_liver", inference.predict_in_batches)
     whole = sitk.GetArrayFromImage(segmenter.segment(ct).label_image)
     assert np.array_equal(near, whole)
+
+
+def test_clean_up_in_the_box_gives_the_label_map_of_the_whole_grid(data_root, segmenter):
+    """The engine upsamples and cleans up only inside the box where the network's output can reach the
+    threshold; on a real CT with lesions the label map, liver volume and lesion volumes equal those of
+    upsampling whole slices and cleaning up the whole volume."""
+    from LiverSegLib.geometry import canonical_transform
+    from LiverSegLib.postprocessing import compose_label_map, lesion_volumes_ml
+    from LiverSegLib.preprocessing import SliceGrid, to_slice_grid
+
+    ct, _ = read_case(data_root, "ircad_17")
+    result = segmenter.segment(ct, keep_probabilities=True)
+    transform = canonical_transform(ct.GetDirection())
+    label = transform.to_canonical(sitk.GetArrayViewFromImage(result.label_image))
+    grid = SliceGrid(*label.shape[1:])
+    probabilities = result.probabilities
+    masks = np.concatenate([to_slice_grid(probabilities[i : i + 8], grid) >= segmenter.card.threshold
+                            for i in range(0, len(probabilities), 8)])
+    whole = compose_label_map(masks[:, 0], masks[:, 1])
+    voxel_ml = float(np.prod(ct.GetSpacing())) / 1000
+    assert np.array_equal(label, whole) and 2 in label
+    assert result.liver_ml == np.count_nonzero(whole >= 1) * voxel_ml
+    assert result.lesion_volumes_ml == lesion_volumes_ml(whole, voxel_ml)

@@ -105,6 +105,23 @@ def test_cropping_to_the_organ_changes_nothing():
     assert bounding_box(organ) == (slice(4, 16), slice(9, 31), slice(7, 34))
 
 
+def test_any_box_holding_the_organ_gives_the_whole_volume_label_map():
+    """The engine cleans up inside the box where the network's output can reach the threshold, which holds
+    the organ but may fit it without a rim (pipeline.py): in any such box the label map is the whole
+    volume's, with pockets opening onto the box's faces and an organ cut by the volume's edge."""
+    generator = np.random.default_rng(4)
+    liver = np.zeros((16, 30, 30), bool)
+    liver[3:12, 5:25, 0:20] = generator.random((9, 20, 20)) > 0.3  # reaches the edge of the volume
+    lesion = np.zeros_like(liver)
+    lesion[6:8, 10:13, 10:13] = True
+    lesion[14, 28, 28] = True  # a stray lesion voxel: part of the organ's box, not of its largest component
+    expected = compose_label_map(liver, lesion)
+    for box in [(slice(3, 15), slice(5, 29), slice(0, 29)), (slice(1, 16), slice(2, 30), slice(0, 30))]:
+        label = np.zeros(liver.shape, np.uint8)
+        label[box] = compose_label_map(liver[box], lesion[box])
+        assert np.array_equal(label, expected)
+
+
 def test_lesion_volumes_by_hand():
     """Two lesions, one of them two cubes touching only at a corner (26-connected: one lesion)."""
     label = np.zeros((10, 12, 12), np.uint8)

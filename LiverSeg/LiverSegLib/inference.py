@@ -20,7 +20,7 @@ from .dependencies import GPU_INSTALL_HINT, importable
 from .errors import LiverSegInputError
 from .model import ModelCard
 from .options import DEVICES
-from .preprocessing import SliceGrid, slice_stack, to_slice_grid
+from .preprocessing import SliceGrid, slice_grid_weights, slice_stack, to_slice_grid
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
@@ -223,18 +223,54 @@ def predict_probabilities(
     return output, device
 
 
+Box = tuple[slice, slice, slice]
+
+
+def mask_box(probabilities: np.ndarray, grid: SliceGrid, threshold: float) -> Box:
+    """The (slices, rows, cols) box of the slice grid outside which no upsampled probability of
+    ``probabilities`` (Z, channels, n, n) reaches ``threshold``: an empty box when none does.
+
+    Bilinear upsampling is a convex combination, so a slice-grid pixel can reach the threshold only if one
+    of the model-grid pixels it is made of (weight above zero) does: the box holds every such pixel."""
+    above = probabilities >= threshold
+    occupied = np.flatnonzero(above.any(axis=(1, 2, 3)))
+    if not len(occupied):
+        return slice(0, 0), slice(0, 0), slice(0, 0)
+    row_weights, col_weights = slice_grid_weights(probabilities.shape[-1], grid)
+    in_plane = above[occupied].any(axis=(0, 1))
+    box = [slice(int(occupied[0]), int(occupied[-1]) + 1)]
+    for weights, reached in ((row_weights, in_plane.any(axis=1)), (col_weights, in_plane.any(axis=0))):
+        reachable = np.flatnonzero((weights[:, reached] > 0).any(axis=1))
+        box.append(slice(int(reachable[0]), int(reachable[-1]) + 1))
+    return tuple(box)
+
+
+def probabilities_to_box_masks(
+    probabilities: np.ndarray, grid: SliceGrid, threshold: float, chunk_slices: int = 16
+) -> tuple[Box, np.ndarray]:
+    """(Z, channels, n, n) model-grid probabilities → (``mask_box``, (slices, channels, rows, cols) bool
+    masks inside it): every voxel of the slice grid that reaches the threshold lies in the box, and the
+    masks there equal those of upsampling whole slices.
+
+    Works in chunks so that full-resolution float maps never exist for the whole volume at once, only on
+    slices where some probability reaches the threshold (a slice below it everywhere stays empty: a third
+    or more of a CT's slices) and only inside the box (the liver's, a fraction of a 512² slice)."""
+    box = mask_box(probabilities, grid, threshold)
+    depths, rows, cols = box
+    masks = np.zeros((depths.stop - depths.start, probabilities.shape[1], rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
+    occupied = depths.start + np.flatnonzero(probabilities[depths].max(axis=(1, 2, 3)) >= threshold)
+    for start in range(0, len(occupied), chunk_slices):
+        indices = occupied[start : start + chunk_slices]
+        masks[indices - depths.start] = to_slice_grid(probabilities[indices], grid, rows, cols) >= threshold
+    return box, masks
+
+
 def probabilities_to_masks(
     probabilities: np.ndarray, grid: SliceGrid, threshold: float, chunk_slices: int = 16
 ) -> np.ndarray:
-    """(Z, channels, n, n) model-grid probabilities → (Z, channels, rows, cols) bool masks on the slice grid.
-
-    Works in chunks so that full-resolution float maps never exist for the whole volume at once, and
-    only on slices where some probability reaches the threshold: bilinear upsampling is a convex
-    combination, so a slice below it everywhere stays empty (a third or more of a CT's slices).
-    """
+    """(Z, channels, n, n) model-grid probabilities → (Z, channels, rows, cols) bool masks on the slice grid
+    (``probabilities_to_box_masks`` placed into the whole grid)."""
+    (depths, rows, cols), boxed = probabilities_to_box_masks(probabilities, grid, threshold, chunk_slices)
     masks = np.zeros((probabilities.shape[0], probabilities.shape[1], grid.rows, grid.cols), dtype=bool)
-    occupied = np.flatnonzero(probabilities.max(axis=(1, 2, 3)) >= threshold)
-    for start in range(0, len(occupied), chunk_slices):
-        indices = occupied[start : start + chunk_slices]
-        masks[indices] = to_slice_grid(probabilities[indices], grid) >= threshold
+    masks[depths, :, rows, cols] = boxed
     return masks

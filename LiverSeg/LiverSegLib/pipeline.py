@@ -19,7 +19,7 @@ from .inference import (
     predict_in_batches,
     predict_near_liver,
     predict_probabilities,
-    probabilities_to_masks,
+    probabilities_to_box_masks,
 )
 from .model import BUNDLED_CARD, ModelCard
 from .postprocessing import LIVER, compose_label_map, lesion_volumes_ml
@@ -107,10 +107,14 @@ class LiverSegmenter:
                 self.network, volume, self.card, self.device, batch_size=batch_size, progress=progress
             )
         lap("network")
-        grid = SliceGrid(ct_canonical.shape[1], ct_canonical.shape[2])
-        masks = probabilities_to_masks(probabilities, grid, self.card.threshold)
+        # Upsampling and clean-up inside the box where the network's output can reach the threshold (the
+        # liver's, a fraction of the CT): the label map is the same as on the whole grid (tested), since
+        # connectivity and hole filling need the organ and a rim or the edge of the volume only.
+        box, masks = probabilities_to_box_masks(probabilities, SliceGrid(*ct_canonical.shape[1:]), self.card.threshold)
         liver, lesion = masks[:, 0], (masks[:, 1] if lesions else None)
-        label_canonical = compose_label_map(liver, lesion, keep_largest=postprocess, fill=postprocess)
+        label_in_box = compose_label_map(liver, lesion, keep_largest=postprocess, fill=postprocess)
+        label_canonical = np.zeros(ct_canonical.shape, np.uint8)
+        label_canonical[box] = label_in_box
         lap("postprocess")
         label_image = sitk.GetImageFromArray(np.ascontiguousarray(transform.from_canonical(label_canonical)))
         label_image.CopyInformation(image)
@@ -118,9 +122,9 @@ class LiverSegmenter:
         voxel_ml = voxel_volume_ml(image)
         lesion_volumes: list[float] = []
         if lesions:
-            lesion_volumes = lesion_volumes_ml(label_canonical, voxel_ml)
+            lesion_volumes = lesion_volumes_ml(label_in_box, voxel_ml)
         lap("lesion_count")
-        liver_ml = float(np.count_nonzero(label_canonical >= LIVER)) * voxel_ml
+        liver_ml = float(np.count_nonzero(label_in_box >= LIVER)) * voxel_ml
         intensities = sitk.MinimumMaximumImageFilter()
         intensities.Execute(image)
         return SegmentationResult(

@@ -101,17 +101,25 @@ def to_model_grid(slices: np.ndarray, input_size: int, pad_value: float = 0.0) -
     return resize_slices(padded, input_size, input_size, antialias=True)
 
 
-def to_slice_grid(model_grid: np.ndarray, grid: SliceGrid) -> np.ndarray:
+def slice_grid_weights(size: int, grid: SliceGrid) -> tuple[np.ndarray, np.ndarray]:
+    """The (rows, size) and (cols, size) matrices of ``to_slice_grid`` for (..., size, size) maps: the
+    resize to the padded square, cropped to the slice (an identity crop when no resize is needed)."""
+    top, left = grid.offset
+    square = np.eye(size, dtype=np.float32) if size == grid.side else resize_weights(size, grid.side, False)
+    return square[top : top + grid.rows], square[left : left + grid.cols]
+
+
+def to_slice_grid(model_grid: np.ndarray, grid: SliceGrid, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
     """Inverse of ``to_model_grid`` for (..., n, n) maps: resize to the padded square, crop the slice.
 
-    Only the rows and columns of the slice are computed (the crop is taken from the resize matrices)."""
+    Only the rows and columns of the slice are computed (the crop is taken from the resize matrices), or
+    only ``rows`` × ``cols`` of it: the same values as that part of the whole slice."""
     top, left = grid.offset
     model_grid = np.asarray(model_grid, dtype=np.float32)
     if model_grid.shape[-1] == grid.side:
-        return model_grid[..., top : top + grid.rows, left : left + grid.cols]
-    row_weights = resize_weights(model_grid.shape[-2], grid.side, False)[top : top + grid.rows]
-    col_weights = resize_weights(model_grid.shape[-1], grid.side, False)[left : left + grid.cols]
-    return _separable(model_grid, row_weights, col_weights)
+        return model_grid[..., top : top + grid.rows, left : left + grid.cols][..., rows, cols]
+    row_weights, col_weights = slice_grid_weights(model_grid.shape[-1], grid)
+    return _separable(model_grid, row_weights[rows], col_weights[cols])
 
 
 def prepare_volume(
