@@ -1,7 +1,8 @@
 """The CPU install (no torch) against the torch path: download size, installed size, cold start, whole command.
 
     python benchmarks/cpu_install.py [--cpu-venv /tmp/liverseg-cpu] [--full-venv .venv] [--repeats 3] [--cold-repeats 5]
-                                     [--no-download] [--no-full-onnxruntime]
+                                     [--no-download] [--no-full-onnxruntime] [--no-torch] [--checkout DIR ...]
+                                     [--cts dcmqi_ct3slice ircad_01 stacked]
 
 Three ways to segment on the CPU, each in fresh processes:
 
@@ -10,6 +11,9 @@ Three ways to segment on the CPU, each in fresh processes:
 - **torch path**: the full venv (``--full-venv``) with ``--runtime torch``.
 - **full venv, default runtime**: the full venv with the default runtime (ONNX Runtime; torch is installed but
   must not be imported: checked by running the command with ``sys.modules`` inspected at exit).
+- **CPU install, checkout DIR** (``--checkout DIR``, repeatable): the CPU install running the engine of another
+  checkout (``PYTHONPATH=DIR/LiverSeg``), e.g. the commit before a change (``git worktree add DIR COMMIT``), so
+  that before and after run in turn under the same load.
 
 Figures:
 
@@ -21,7 +25,9 @@ Figures:
 3. The whole command ``liverseg segment CT -o OUT.nii.gz --device cpu [--runtime torch]``: wall time (median of
    ``--repeats``, after one untimed run that warms the page cache) and the process's peak RSS (``os.wait4``, the largest of the runs) on
    the 3-slice ``dcmqi_ct3slice``, the 129-slice ``ircad_01`` and a 302-slice CT (``ircad_07`` stacked on
-   itself, written to ``--stacked``). The repeats go round the configurations in turn.
+   itself, written to ``--stacked``). The repeats go round the configurations in turn. Each run also writes
+   ``--report``: the medians of its stages of ``segment`` are printed, with the 1-minute load average
+   (``/proc/loadavg``) before and after each series (other processes on the machine slow every figure).
 
 CTs come from ``$LIVERSEG_DATA`` (default ``../shared/data``). Prints figures; asserts nothing.
 """
@@ -29,6 +35,7 @@ CTs come from ``$LIVERSEG_DATA`` (default ``../shared/data``). Prints figures; a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -41,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
+CT_NAMES = {"dcmqi_ct3slice": "dcmqi_ct3slice (512×512×3)", "ircad_01": "ircad_01 (512×512×129)",
+            "stacked": "ircad_07 stacked (512×512×302)"}
 TORCH_FAMILY = ("torch", "segmentation_models_pytorch", "timm", "torchvision")
 COLD_START = "from LiverSegLib.pipeline import LiverSegmenter; LiverSegmenter(device='cpu'{runtime})"
 # Runs the CLI's main as `liverseg` does and reports, at exit, which of the torch family were imported.
@@ -60,6 +69,13 @@ class Config:
     name: str
     venv: Path
     runtime: str | None
+    checkout: Path | None = None  # run this checkout's engine (PYTHONPATH) instead of the venv's own
+
+    @property
+    def env(self) -> dict[str, str]:
+        if self.checkout is None:
+            return dict(os.environ)
+        return {**os.environ, "PYTHONPATH": str(self.checkout / "LiverSeg")}
 
     @property
     def python(self) -> Path:
@@ -82,10 +98,11 @@ class Download:
 
 @dataclass(frozen=True)
 class Run:
-    """One whole command: wall seconds and peak resident memory."""
+    """One whole command: wall seconds, peak resident memory and the stages of its ``segment`` (report)."""
 
     wall_s: float
     peak_rss_bytes: int
+    stages_s: dict[str, float]
 
 
 def ensure_cpu_venv(venv: Path) -> None:
@@ -125,7 +142,7 @@ def cold_start_s(config: Config) -> float:
     """Wall seconds of one fresh process that builds the segmenter (imports + ready network)."""
     runtime = f", runtime={config.runtime!r}" if config.runtime else ""
     started = time.perf_counter()
-    subprocess.run([str(config.python), "-c", COLD_START.format(runtime=runtime)], check=True,
+    subprocess.run([str(config.python), "-c", COLD_START.format(runtime=runtime)], check=True, env=config.env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
 
@@ -137,12 +154,14 @@ def segment_command(config: Config, ct: Path, output: Path) -> list[str]:
 
 
 def whole_command(config: Config, ct: Path, folder: Path) -> Run:
-    """One ``liverseg segment`` in a fresh process: wall seconds and its own peak RSS (``os.wait4``)."""
-    output = folder / "label.nii.gz"
+    """One ``liverseg segment`` in a fresh process: wall seconds, its own peak RSS (``os.wait4``), its stages."""
+    output, report = folder / "label.nii.gz", folder / "report.json"
     output.unlink(missing_ok=True)
+    report.unlink(missing_ok=True)
     with open(folder / "stderr.txt", "w+b") as stderr:
         started = time.perf_counter()
-        child = subprocess.Popen(segment_command(config, ct, output), stdout=subprocess.DEVNULL, stderr=stderr)
+        child = subprocess.Popen(segment_command(config, ct, output) + ["--report", str(report)], env=config.env,
+                                 stdout=subprocess.DEVNULL, stderr=stderr)
         _, status, usage = os.wait4(child.pid, 0)
         wall_s = time.perf_counter() - started
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -150,14 +169,16 @@ def whole_command(config: Config, ct: Path, folder: Path) -> Run:
         errors = stderr.read().decode(errors="replace")
     if child.returncode != 0 or not output.exists():
         raise RuntimeError(f"{config.name} on {ct} failed ({child.returncode}): {errors[-2000:]}")
-    return Run(wall_s=wall_s, peak_rss_bytes=usage.ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+    report_json = json.loads(report.read_text(encoding="utf-8"))
+    stages = {"segment": report_json["seconds"], **report_json["timings_s"]}
+    return Run(wall_s=wall_s, peak_rss_bytes=usage.ru_maxrss * 1024, stages_s=stages)  # ru_maxrss is in KiB on Linux
 
 
 def torch_family_imported(config: Config, ct: Path, folder: Path) -> str:
     """Which of torch, smp, timm, torchvision ``liverseg segment`` imported (``sys.modules`` at exit)."""
     argv = segment_command(config, ct, folder / "check.nii.gz")[1:]
     result = subprocess.run([str(config.python), "-c", IMPORT_CHECK.format(family=TORCH_FAMILY, argv=argv)],
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True, check=True, env=config.env)
     return next(line for line in result.stderr.splitlines() if line.startswith("imported:")).removeprefix("imported: ")
 
 
@@ -194,6 +215,11 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {platform.machine()}, {model}, Python {platform.python_version()}"
 
 
+def load_1min() -> str:
+    """The 1-minute load average of the machine."""
+    return Path("/proc/loadavg").read_text(encoding="ascii").split()[0]
+
+
 def megabytes(count: int) -> str:
     return f"{count / 1e6:,.0f} MB"
 
@@ -219,33 +245,43 @@ def main() -> int:
     parser.add_argument("--cold-repeats", type=int, default=5)
     parser.add_argument("--no-download", action="store_true", help="skip the pip download sizes")
     parser.add_argument("--no-full-onnxruntime", action="store_true", help="skip the full venv with the default runtime")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch path")
+    parser.add_argument("--checkout", type=Path, action="append", default=[],
+                        help="also run the CPU install on the engine of this checkout (PYTHONPATH=DIR/LiverSeg); repeatable")
+    parser.add_argument("--cts", nargs="+", choices=CT_NAMES, default=list(CT_NAMES))
     args = parser.parse_args()
 
     ensure_cpu_venv(args.cpu_venv)
-    configs = [Config("CPU install (`pip install -e .`), default runtime", args.cpu_venv, None),
-               Config("full venv, `--runtime torch`", args.full_venv, "torch")]
-    if not args.no_full_onnxruntime:
+    configs = [Config("CPU install (`pip install -e .`), default runtime", args.cpu_venv, None)]
+    configs += [Config(f"CPU install, checkout {checkout}", args.cpu_venv, None, checkout.resolve()) for checkout in args.checkout]
+    if not args.no_torch:
+        configs.append(Config("full venv, `--runtime torch`", args.full_venv, "torch"))
+    full_default = not args.no_full_onnxruntime
+    if full_default:
         configs.append(Config("full venv, default runtime", args.full_venv, None))
-    cts = {"dcmqi_ct3slice (512×512×3)": args.data / "cases" / "dcmqi_ct3slice" / "ct.nii.gz",
-           "ircad_01 (512×512×129)": args.data / "cases" / "ircad_01" / "ct.nii.gz",
-           "ircad_07 stacked (512×512×302)": stacked_ct(args.data / "cases" / "ircad_07" / "ct.nii.gz", args.stacked)}
+    paths = {"dcmqi_ct3slice": lambda: args.data / "cases" / "dcmqi_ct3slice" / "ct.nii.gz",
+             "ircad_01": lambda: args.data / "cases" / "ircad_01" / "ct.nii.gz",
+             "stacked": lambda: stacked_ct(args.data / "cases" / "ircad_07" / "ct.nii.gz", args.stacked)}
+    cts = {CT_NAMES[name]: paths[name]() for name in CT_NAMES if name in args.cts}
 
     print(f"machine: {machine()}")
     for config in configs:
         print(f"{config.name}: {config.venv} ({versions(config)})")
 
+    def per_config(cpu: str, torch: str) -> list[str]:
+        """A figure of the installs, not of the runs: the CPU install's for its columns, the full venv's for the others."""
+        return [cpu if config.venv == args.cpu_venv else torch for config in configs]
+
     rows: list[list[str]] = []
     if not args.no_download:
         pip = args.cpu_venv / "bin" / "pip"
         base, gpu = pip_download(pip, "."), pip_download(pip, ".[gpu]")
-        same = ["same install as the torch path"] if len(configs) == 3 else []
-        rows.append(["`pip download` (files)", f"{megabytes(base.total_bytes)} ({base.files})",
-                     f"{megabytes(gpu.total_bytes)} ({gpu.files}), `.[gpu]`"] + same)
-        rows.append(["… of which pip took from local files", megabytes(base.local_bytes), megabytes(gpu.local_bytes)] + same)
+        rows.append(["`pip download` (files)"] + per_config(f"{megabytes(base.total_bytes)} ({base.files})",
+                                                            f"{megabytes(gpu.total_bytes)} ({gpu.files}), `.[gpu]`"))
+        rows.append(["… of which pip took from local files"] + per_config(megabytes(base.local_bytes), megabytes(gpu.local_bytes)))
         print(f"pip on torch for .[gpu]: {gpu.torch_line or 'not mentioned'}")
-    full_size = site_packages_bytes(args.full_venv)
-    rows.append(["site-packages (`du -s`)", gigabytes(site_packages_bytes(args.cpu_venv)), gigabytes(full_size)]
-                + ([gigabytes(full_size)] if len(configs) == 3 else []))
+    full_size = gigabytes(site_packages_bytes(args.full_venv)) if any(config.venv != args.cpu_venv for config in configs) else ""
+    rows.append(["site-packages (`du -s`)"] + per_config(gigabytes(site_packages_bytes(args.cpu_venv)), full_size))
 
     cold = {config.name: [] for config in configs}
     for _ in range(args.cold_repeats):
@@ -254,25 +290,33 @@ def main() -> int:
     rows.append([f"cold start to a ready network (median of {args.cold_repeats})"]
                 + [f"{statistics.median(cold[config.name]):.2f} s" for config in configs])
 
+    stage_lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="liverseg-bench-") as folder:
-        for config in configs[2:]:
+        if full_default:
+            config = configs[-1]
             print(f"{config.name} imported of {', '.join(TORCH_FAMILY)}: "
-                  f"{torch_family_imported(config, cts['ircad_01 (512×512×129)'], Path(folder))}")
+                  f"{torch_family_imported(config, next(iter(cts.values())), Path(folder))}")
         for label, ct in cts.items():
             for config in configs:
                 whole_command(config, ct, Path(folder))  # warms the page cache; not counted
             runs: dict[str, list[Run]] = {config.name: [] for config in configs}
+            load_before = load_1min()
             for _ in range(args.repeats):
                 for config in configs:
                     runs[config.name].append(whole_command(config, ct, Path(folder)))
+            load = f"1-min load {load_before} before, {load_1min()} after"
             rows.append([f"whole command, {label}: wall (median of {args.repeats}) / peak RSS"]
                         + [f"{statistics.median(run.wall_s for run in runs[config.name]):.2f} s / "
                            f"{gigabytes(max(run.peak_rss_bytes for run in runs[config.name]))}" for config in configs])
+            print(f"  {label} ({load}):", flush=True)
             for config in configs:
-                print(f"  {label}, {config.name}: " + ", ".join(f"{run.wall_s:.2f} s ({gigabytes(run.peak_rss_bytes)})" for run in runs[config.name]), flush=True)
+                print(f"    {config.name}: " + ", ".join(f"{run.wall_s:.2f} s ({gigabytes(run.peak_rss_bytes)})" for run in runs[config.name]), flush=True)
+                stages = {name: statistics.median(run.stages_s[name] for run in runs[config.name]) for name in runs[config.name][0].stages_s}
+                stage_lines.append(f"{label}, {config.name} ({load}): " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in stages.items()))
 
     print()
     print_table(["", *(config.name for config in configs)], rows)
+    print("\nstages of `segment` (s, medians; `segment` is the whole of it):\n" + "\n".join(stage_lines))
     print("\ncold starts (s): " + "; ".join(f"{name}: " + ", ".join(f"{s:.2f}" for s in seconds) for name, seconds in cold.items()))
     return 0
 
