@@ -40,14 +40,14 @@ def segmenter(model_cache):
 
 @pytest.fixture()
 def model_copy(tmp_path) -> tuple[Path, Path]:
-    """(card, weights) of a copy of the bundled model (its ONNX graph beside them), for tests that damage it."""
+    """(card, weights) of a copy of the bundled model (its ONNX graphs beside them), for tests that damage it."""
     from LiverSegLib.model import BUNDLED_CARD, read_card
 
     folder = tmp_path / "model"
     folder.mkdir()
     card = read_card()
     shutil.copy(BUNDLED_CARD, folder / BUNDLED_CARD.name)
-    for name in (card.weights_file, card.onnx_file):
+    for name in (card.weights_file, card.onnx_file, card.int8_onnx_file):
         shutil.copy(BUNDLED_CARD.parent / name, folder / name)
     return folder / BUNDLED_CARD.name, folder / card.weights_file
 

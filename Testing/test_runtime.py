@@ -2,7 +2,9 @@
 map. The bundled model ships its ONNX graph, which reads its weights from the safetensors file and runs
 without torch (checked in a process where torch cannot be imported); a graph or weights that do not match
 the card are refused. A model without a graph is exported once into the cache, re-exported when the cache
-file is damaged, and run by torch when the cache cannot be written."""
+file is damaged, and run by torch when the cache cannot be written. The CPU runs the model's int8 graph
+(also reading its weights from the safetensors file) when the card ships one: within 0.005 liver Dice of
+the fp32 graph on every expert case, and reproduced by its export command."""
 
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ import SimpleITK as sitk
 from LiverSegLib.errors import LiverSegInputError, ModelIntegrityError
 from LiverSegLib.model import BUNDLED_CARD, read_card, sha256_of
 from LiverSegLib.pipeline import LiverSegmenter
-from LiverSegLib.runtime import export_onnx_graph, onnx_cache_path
+from LiverSegLib.runtime import export_int8_graph, export_onnx_graph, onnx_cache_path
 
-from conftest import PROJECT_ROOT, read_case
+from conftest import EXPERT_CASES, PROJECT_ROOT, read_case
 
 SAMPLE = PROJECT_ROOT / "LiverSeg" / "Resources" / "Samples" / "CRLM-CT-1004.nii.gz"
 TORCH_FAMILY = ("torch", "segmentation_models_pytorch", "timm", "torchvision")
@@ -45,16 +47,20 @@ def card_without_graph(model_copy):
     """A copy of the bundled model whose card names no ONNX graph (an older or user-trained model)."""
     card_path, weights = model_copy
     data = json.loads(card_path.read_text(encoding="utf-8"))
-    (card_path.parent / data["onnx_file"]).unlink()
-    data["onnx_file"] = data["onnx_sha256"] = ""
+    for name in (data["onnx_file"], data["int8_onnx_file"]):
+        (card_path.parent / name).unlink()
+    data["onnx_file"] = data["onnx_sha256"] = data["int8_onnx_file"] = data["int8_onnx_sha256"] = ""
+    data["int8_calibration"] = {}
     card_path.write_text(json.dumps(data, indent=1), encoding="utf-8")
     return card_path
 
 
 def test_onnxruntime_and_torch_agree_on_a_real_ct(data_root, segmenter):
     ct, _ = read_case(data_root, "ircad_17")
-    assert segmenter.runtime == "onnxruntime"  # the CPU default once onnxruntime is installed
-    with_onnx = segmenter.segment(ct, keep_probabilities=True)
+    assert (segmenter.runtime, segmenter.precision) == ("onnxruntime", "int8")  # the CPU default with onnxruntime
+    fp32 = LiverSegmenter(device="cpu", precision="fp32")
+    assert (fp32.runtime, fp32.precision) == ("onnxruntime", "fp32")
+    with_onnx = fp32.segment(ct, keep_probabilities=True)
     with_torch = LiverSegmenter(device="cpu", runtime="torch").segment(ct, keep_probabilities=True)
     assert (with_onnx.runtime, with_torch.runtime) == ("onnxruntime", "torch")
     # The CPU path runs the network near the liver only (inference.predict_near_liver): compare where it ran.
@@ -77,6 +83,57 @@ def test_shipped_graph_is_what_export_onnx_writes_and_holds_no_weights(card_with
     graph = card_without_graph.parent / card.onnx_file
     assert card.onnx_file == bundled.onnx_file and card.onnx_sha256 == bundled.onnx_sha256 == sha256_of(graph)
     assert graph.stat().st_size < 200_000 < (card_without_graph.parent / card.weights_file).stat().st_size
+
+
+def dice(first: np.ndarray, second: np.ndarray) -> float:
+    return 2 * np.count_nonzero(first & second) / (np.count_nonzero(first) + np.count_nonzero(second))
+
+
+@pytest.mark.parametrize("case", EXPERT_CASES)
+def test_int8_graph_is_within_half_a_hundredth_of_fp32(data_root, segmenter, case):
+    """The int8 graph (the CPU default) against the fp32 graph on each expert case: liver Dice against the
+    expert label within 0.005 of fp32's, the two liver masks within Dice 0.995 of each other, and the same
+    lesions found (the bundled model trained on these patients: a check of the quantisation, not accuracy)."""
+    from LiverSegTraining.metrics import lesion_detection
+
+    ct, label = read_case(data_root, case)
+    fp32 = LiverSegmenter(device="cpu", precision="fp32")
+    results = {"int8": segmenter.segment(ct), "fp32": fp32.segment(ct)}
+    assert {name: result.precision for name, result in results.items()} == {"int8": "int8", "fp32": "fp32"}
+    truth = sitk.GetArrayViewFromImage(label)
+    truth = truth == 1 if case == "ircad_07" else truth  # its 'tumour' label lies outside the liver: not a lesion
+    maps = {name: sitk.GetArrayFromImage(result.label_image) for name, result in results.items()}
+    liver_dice = {name: dice(found >= 1, truth >= 1) for name, found in maps.items()}
+    print(f"\n{case}: liver Dice int8 {liver_dice['int8']:.4f}, fp32 {liver_dice['fp32']:.4f}")
+    assert abs(liver_dice["int8"] - liver_dice["fp32"]) <= 0.005
+    assert dice(maps["int8"] >= 1, maps["fp32"] >= 1) >= 0.995
+    voxel_ml = float(np.prod(ct.GetSpacing())) / 1000
+    found = {name: lesion_detection(found == 2, truth == 2, voxel_ml) for name, found in maps.items()}
+    assert found["int8"]["lesion_detected_count"] == found["fp32"]["lesion_detected_count"]
+    assert abs(found["int8"]["lesion_false_ml"] - found["fp32"]["lesion_false_ml"]) < 1.0
+    if (truth == 2).any():
+        assert abs(dice(maps["int8"] == 2, truth == 2) - dice(maps["fp32"] == 2, truth == 2)) <= 0.005
+
+
+def test_shipped_int8_graph_is_what_its_command_writes_and_holds_no_weights(model_copy, data_root):
+    """The committed int8 graph is reproduced by export_int8_graph from the verified weights and the card's
+    training cases (bit for bit with the onnxruntime version the card records), and it is small: its
+    weights are read from the safetensors file and quantised when the session starts."""
+    import onnx
+    import onnxruntime
+
+    card_path, weights = model_copy
+    bundled = read_card()
+    graph = onnx.load(str(BUNDLED_CARD.parent / bundled.int8_onnx_file), load_external_data=False).graph
+    inside = [init for init in graph.initializer if init.data_location != onnx.TensorProto.EXTERNAL]
+    assert max(int(np.prod(init.dims)) for init in inside) <= 512  # scales and zero points, one per channel at most
+    assert {node.op_type for node in graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv"}
+    assert (BUNDLED_CARD.parent / bundled.int8_onnx_file).stat().st_size < 400_000
+    (card_path.parent / bundled.int8_onnx_file).unlink()
+    card = export_int8_graph(card_path, data_root)
+    assert card.int8_calibration == {**bundled.int8_calibration, "onnxruntime": onnxruntime.__version__}
+    if onnxruntime.__version__ == bundled.int8_calibration["onnxruntime"]:
+        assert card.int8_onnx_sha256 == bundled.int8_onnx_sha256 == sha256_of(card_path.parent / card.int8_onnx_file)
 
 
 def test_segments_without_torch_installed(data_root, tmp_path):
@@ -115,12 +172,19 @@ def test_without_torch_the_export_command_says_what_it_needs(card_without_graph)
 
 def test_tampered_graph_or_weights_are_refused(model_copy):
     card_path, weights = model_copy
-    graph = card_path.parent / read_card(card_path).onnx_file
-    original = graph.read_bytes()
-    graph.write_bytes(original[:-10] + bytes(10))
-    with pytest.raises(ModelIntegrityError, match="liverseg.onnx fails its SHA-256 check"):
+    for name, precision in ((read_card(card_path).onnx_file, "fp32"), (read_card(card_path).int8_onnx_file, "auto")):
+        graph = card_path.parent / name
+        original = graph.read_bytes()
+        graph.write_bytes(original[:-10] + bytes(10))
+        with pytest.raises(ModelIntegrityError, match=f"{name} fails its SHA-256 check"):
+            LiverSegmenter(card_path, device="cpu", precision=precision)
+        graph.write_bytes(original)
+    data = json.loads(card_path.read_text(encoding="utf-8"))
+    data["int8_calibration"]["weights_sha256"] = "0" * 64  # calibrated for other weights
+    card_path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ModelIntegrityError, match="liverseg.int8.onnx was made for other weights"):
         LiverSegmenter(card_path, device="cpu")
-    graph.write_bytes(original)
+    assert LiverSegmenter(card_path, device="cpu", precision="fp32").precision == "fp32"  # the fp32 graph is not its business
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -158,9 +222,11 @@ def test_unusable_cache_falls_back_to_torch(card_without_graph, tmp_path, monkey
     assert LiverSegmenter(BUNDLED_CARD, device="cpu").runtime == "onnxruntime"  # a shipped graph needs no cache
 
 
-def test_unknown_runtime_is_an_input_error():
+def test_unknown_runtime_or_precision_is_an_input_error():
     with pytest.raises(LiverSegInputError, match="unknown runtime 'tensorrt'"):
         LiverSegmenter(device="cpu", runtime="tensorrt")
+    with pytest.raises(LiverSegInputError, match="unknown precision 'fp8'"):
+        LiverSegmenter(device="cpu", precision="fp8")
 
 
 def test_cli_says_when_it_prepares_the_onnx_model(card_without_graph, tmp_path, monkeypatch, capsys):

@@ -1,11 +1,13 @@
 """Speed and memory of LiverSeg on one CT: network throughput, end-to-end seconds, peak RSS.
 
-    python benchmarks/benchmark.py CT [--device cpu cuda] [--runtime auto torch onnxruntime] [--batch-size N] [--repeats 3]
+    python benchmarks/benchmark.py CT [--device cpu cuda] [--runtime auto torch onnxruntime] [--precision auto fp32]
+                                      [--batch-size N] [--repeats 3]
 
 Network alone: slices per second of ``predict_probabilities`` on the preprocessed volume (after one
 warm-up run). End to end: read → segment → write, in a fresh process per device, timed from inside
 (model loading included), then the same CT once more with the model loaded and warm (a Slicer session,
-a batch run), and the process's peak resident memory. Prints figures; asserts nothing.
+a batch run), and the process's peak resident memory. ``--precision``: the int8 graph the model card ships for
+ONNX Runtime on the CPU (auto) or the fp32 graph. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import time
 from pathlib import Path
 
 from LiverSegLib.options import DEVICES, RUNTIMES
+from LiverSegLib.runtime import PRECISIONS
 
 
-def end_to_end_child(ct: str, device: str, runtime: str, batch_size: int | None) -> None:
+def end_to_end_child(ct: str, device: str, runtime: str, precision: str, batch_size: int | None) -> None:
     """Runs in a child process so that its peak RSS is its own."""
     started = time.perf_counter()
     from LiverSegLib.io import read_ct
@@ -33,7 +36,7 @@ def end_to_end_child(ct: str, device: str, runtime: str, batch_size: int | None)
     imported = time.perf_counter()
     image = read_ct(ct)
     read = time.perf_counter()
-    segmenter = LiverSegmenter(device=device, runtime=runtime)
+    segmenter = LiverSegmenter(device=device, runtime=runtime, precision=precision)
     loaded = time.perf_counter()
     result = segmenter.segment(image, batch_size=batch_size)
     segmented = time.perf_counter()
@@ -49,13 +52,13 @@ def end_to_end_child(ct: str, device: str, runtime: str, batch_size: int | None)
     print(json.dumps({
         "import_s": imported - started, "read_s": read - imported, "load_model_s": loaded - read,
         "segment_s": segmented - loaded, "write_s": written - segmented,
-        "read_to_write_s": written - imported, "stages_s": stages_s, "runtime": runtime_used,
+        "read_to_write_s": written - imported, "stages_s": stages_s, "runtime": f"{runtime_used} {segmenter.precision}",
         "warm_read_to_write_s": warm_written - written, "warm_stages_s": warm_result.timings_s,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024,
     }))
 
 
-def network_throughput(ct: str, device_name: str, runtime: str, batch_size: int | None, repeats: int) -> float:
+def network_throughput(ct: str, device_name: str, runtime: str, precision: str, batch_size: int | None, repeats: int) -> float:
     """Slices/s of the network alone, through the engine's own batch loop for the runtime that runs."""
     import SimpleITK as sitk
 
@@ -68,7 +71,7 @@ def network_throughput(ct: str, device_name: str, runtime: str, batch_size: int 
 
     image = read_ct(ct)
     device = choose_device_name(device_name)
-    card, network, used_runtime = load_runtime_network(BUNDLED_CARD, device, runtime)
+    card, network, used_runtime = load_runtime_network(BUNDLED_CARD, device, runtime, precision)
     canonical = canonical_transform(image.GetDirection()).to_canonical(sitk.GetArrayViewFromImage(image))
     volume = prepare_volume(canonical, card.window_hu, card.input_size)
 
@@ -98,12 +101,13 @@ def main() -> int:
     parser.add_argument("ct")
     parser.add_argument("--device", nargs="+", default=["cpu"], choices=DEVICES)
     parser.add_argument("--runtime", nargs="+", default=["auto"], choices=RUNTIMES, help="onnxruntime: CPU only")
+    parser.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS, help="auto: the card's int8 graph in ONNX Runtime")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        end_to_end_child(args.ct, args.device[0], args.runtime[0], args.batch_size)
+        end_to_end_child(args.ct, args.device[0], args.runtime[0], args.precision[0], args.batch_size)
         return 0
     import torch
 
@@ -115,19 +119,20 @@ def main() -> int:
         for runtime in args.runtime:
             if runtime == "onnxruntime" and device != "cpu":
                 continue
-            tag = f"[{device}, {runtime}]"
-            slices_per_s = network_throughput(args.ct, device, runtime, args.batch_size, args.repeats)
-            command = [sys.executable, __file__, args.ct, "--child", "--device", device, "--runtime", runtime]
-            if args.batch_size:
-                command += ["--batch-size", str(args.batch_size)]
-            child = subprocess.run(command, capture_output=True, text=True, check=True)
-            timings = json.loads(child.stdout.strip().splitlines()[-1])
-            print(f"{tag} network: {slices_per_s:.1f} slices/s")
-            print(f"{tag} end to end (read → segment → write): {timings['read_to_write_s']:.2f} s "
-                  f"(read {timings['read_s']:.2f}, model load {timings['load_model_s']:.2f}, segment {timings['segment_s']:.2f} [{_stages(timings['stages_s'])}], write {timings['write_s']:.2f}); "
-                  f"python + torch import {timings['import_s']:.2f} s; runtime {timings['runtime']}")
-            print(f"{tag} warm (model loaded, the same CT again): read → segment → write {timings['warm_read_to_write_s']:.2f} s [{_stages(timings['warm_stages_s'])}]")
-            print(f"{tag} peak RSS of the end-to-end process: {timings['peak_rss_gb']:.2f} GB")
+            for precision in args.precision if device == "cpu" and runtime != "torch" else ["auto"]:
+                tag = f"[{device}, {runtime}, {precision}]"
+                slices_per_s = network_throughput(args.ct, device, runtime, precision, args.batch_size, args.repeats)
+                command = [sys.executable, __file__, args.ct, "--child", "--device", device, "--runtime", runtime, "--precision", precision]
+                if args.batch_size:
+                    command += ["--batch-size", str(args.batch_size)]
+                child = subprocess.run(command, capture_output=True, text=True, check=True)
+                timings = json.loads(child.stdout.strip().splitlines()[-1])
+                print(f"{tag} network: {slices_per_s:.1f} slices/s")
+                print(f"{tag} end to end (read → segment → write): {timings['read_to_write_s']:.2f} s "
+                      f"(read {timings['read_s']:.2f}, model load {timings['load_model_s']:.2f}, segment {timings['segment_s']:.2f} [{_stages(timings['stages_s'])}], write {timings['write_s']:.2f}); "
+                      f"python + torch import {timings['import_s']:.2f} s; runtime {timings['runtime']}")
+                print(f"{tag} warm (model loaded, the same CT again): read → segment → write {timings['warm_read_to_write_s']:.2f} s [{_stages(timings['warm_stages_s'])}]")
+                print(f"{tag} peak RSS of the end-to-end process: {timings['peak_rss_gb']:.2f} GB")
     return 0
 
 

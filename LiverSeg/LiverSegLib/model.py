@@ -42,6 +42,12 @@ class ModelCard:
     # ONNX Runtime runs it without torch, and the repository keeps one copy of the weights.
     onnx_file: str = ""
     onnx_sha256: str = ""
+    # The same network quantised to int8 (QDQ) for the CPU: also reads its weights from ``weights_file`` and
+    # quantises them when the session starts; ``int8_calibration`` says how its activation ranges were
+    # calibrated, for which weights, and the command that writes it (runtime.export_int8_graph).
+    int8_onnx_file: str = ""
+    int8_onnx_sha256: str = ""
+    int8_calibration: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     schema_version: int = CARD_SCHEMA_VERSION
@@ -122,6 +128,18 @@ def verify_onnx(card: ModelCard, card_path: str | Path) -> Path | None:
         return None
     onnx_path = Path(card_path).parent / card.onnx_file
     _check_file(onnx_path, card.onnx_sha256, "model graph")
+    return onnx_path
+
+
+def verify_int8_onnx(card: ModelCard, card_path: str | Path) -> Path | None:
+    """The card's int8 graph once its SHA-256 matches and it was calibrated for these weights (None when
+    the card has none)."""
+    if not card.int8_onnx_file:
+        return None
+    onnx_path = Path(card_path).parent / card.int8_onnx_file
+    _check_file(onnx_path, card.int8_onnx_sha256, "int8 model graph")
+    if card.int8_calibration.get("weights_sha256") != card.weights_sha256:
+        raise ModelIntegrityError(f"int8 model graph {onnx_path.name} was made for other weights than {card.weights_file}")
     return onnx_path
 
 

@@ -46,6 +46,7 @@ class SegmentationResult:
     lesions_validated: bool
     timings_s: dict[str, float] = field(default_factory=dict)
     runtime: str = "torch"  # what ran the network: torch or onnxruntime
+    precision: str = "fp32"  # "int8": ONNX Runtime ran the card's quantised graph (torch on CUDA: fp16 autocast)
     probabilities: np.ndarray | None = None  # (Z, channels, n, n) float32 on the canonical model grid, when kept
     qc_warnings: list[str] = field(default_factory=list)  # plausibility warnings (qc.py)
 
@@ -57,7 +58,8 @@ def voxel_volume_ml(image: sitk.Image) -> float:
 class LiverSegmenter:
     """Holds a verified model on its device so that many volumes reuse one load.
 
-    ``card`` and ``network`` (a torch network) are given by training, to evaluate the network it holds."""
+    ``card`` and ``network`` (a torch network) are given by training, to evaluate the network it holds.
+    ``precision`` "auto" runs the card's int8 graph on the CPU when it ships one, "fp32" the fp32 graph."""
 
     def __init__(
         self,
@@ -66,15 +68,17 @@ class LiverSegmenter:
         card: ModelCard | None = None,
         network=None,
         runtime: str = "auto",
+        precision: str = "auto",
     ):
         self.device = choose_device_name(device)
         if network is None:
-            card, network, self.runtime = load_runtime_network(card_path, self.device, runtime)
+            card, network, self.runtime = load_runtime_network(card_path, self.device, runtime, precision)
         else:
             self.runtime = "torch"
         assert card is not None
         self.card = card
         self.network = network.to(self.device).eval() if self.runtime == "torch" else network
+        self.precision = self.network.precision if self.runtime == "onnxruntime" else "fp32"
 
     def segment(
         self,
@@ -140,6 +144,7 @@ class LiverSegmenter:
             lesions_validated=self.card.lesions_validated,
             timings_s=timings,
             runtime=self.runtime,
+            precision=self.precision,
             probabilities=probabilities if keep_probabilities else None,
             qc_warnings=qc_warnings(intensities.GetMinimum(), intensities.GetMaximum(), liver_ml, label_canonical),
         )
