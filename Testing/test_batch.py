@@ -87,7 +87,7 @@ def test_resume_rule_needs_same_model_and_existing_output(tmp_path):
 def test_default_workers_follow_cores_and_memory():
     gigabyte = 1 << 30
     assert default_workers(cores=16, available_memory_bytes=64 * gigabyte) == 16
-    assert default_workers(cores=16, available_memory_bytes=5_000_000_000) == 2  # 2.5 GB a worker
+    assert default_workers(cores=16, available_memory_bytes=5_000_000_000) == 2  # 2 GB a worker
     assert default_workers(cores=4, available_memory_bytes=gigabyte) == 1
     assert default_workers(cores=16, available_memory_bytes=64 * gigabyte, gpu=True) == 1
 
