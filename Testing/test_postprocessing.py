@@ -122,6 +122,27 @@ def test_any_box_holding_the_organ_gives_the_whole_volume_label_map():
         assert np.array_equal(label, expected)
 
 
+def test_holes_are_filled_in_the_kept_organs_box_as_in_the_whole_volume():
+    """Hole filling runs inside the box of the component that is kept, which is smaller than the organ's
+    box when islands far from it are removed: the same label map as the steps on the whole volume, with a
+    sealed cavity, a tunnel open in 3D and a notch at the side of the kept organ."""
+    organ = np.zeros((30, 24, 24), bool)
+    organ[2:12, 3:20, 2:22] = True
+    organ[6, 8, 8] = False  # sealed cavity
+    organ[2:12, 10, 10] = False  # tunnel through every slice
+    organ[4:9, 18:20, 12] = False  # notch at the side
+    island = np.zeros_like(organ)
+    island[24:28, 1:5, 18:23] = True
+    island[26, 3, 20] = False  # a cavity in the island: removed with it
+    lesion = np.zeros_like(organ)
+    lesion[7, 12:14, 12:14] = True
+    expected = fill_holes(largest_component(organ | island | lesion)).astype(np.uint8)
+    expected[lesion & (expected == 1)] = 2
+    label = compose_label_map(organ | island, lesion)
+    assert np.array_equal(label, expected)
+    assert label[6, 8, 8] == 1 and label[2:12, 10, 10].all() and not label[4:9, 18:20, 12].any() and not label[20:].any()
+
+
 def test_lesion_volumes_by_hand():
     """Two lesions, one of them two cubes touching only at a corner (26-connected: one lesion)."""
     label = np.zeros((10, 12, 12), np.uint8)

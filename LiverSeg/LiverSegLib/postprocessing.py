@@ -67,15 +67,17 @@ def compose_label_map(
     Lesions count as liver for the largest-component and hole-filling steps (a tumour is part of the
     organ), then are cut to the cleaned liver. The work is done inside the organ's bounding box (with a
     one-voxel margin, so filling and connectivity are the same as on the whole volume), which is a
-    fraction of a 512² CT.
+    fraction of a 512² CT, and the holes are filled inside the kept component's own box (the same holes:
+    each lies inside it). Any box that holds the organ gives the same result (the pipeline passes one).
     """
     organ = liver | lesion if lesion is not None else liver.copy()
     box = bounding_box(organ)
     cropped = organ[box]
     if keep_largest:
         cropped = largest_component(cropped)
-    if fill:
-        cropped = fill_holes(cropped)
+    if fill:  # holes lie inside the kept organ's own box, smaller than the first when islands were removed
+        kept = bounding_box(cropped)
+        cropped[kept] = fill_holes(cropped[kept])
     label_map = np.zeros(organ.shape, np.uint8)
     label_map[box] = cropped
     if lesion is not None:
