@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from .case import CaseInput, segment_case
 from .errors import LiverSegInputError
 from .io import IMAGE_SUFFIXES, list_dicom_series
@@ -323,6 +325,19 @@ class BatchRun:
         return EXIT_SOME_FAILED if self.count("failed") else EXIT_ALL_DONE
 
 
+class _InterruptIgnored(WorkerPlugin):
+    """On each local worker process (and a restarted one): Ctrl-C in a terminal reaches the whole process
+    group, and the driver, not each worker, stops the cohort (cancels the tasks, closes the cluster), so the
+    workers ignore SIGINT instead of each printing a traceback. ``setup`` runs in the worker's main thread."""
+
+    def setup(self, worker) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _local_cluster(workers: int, threads_per_worker: int):
     import dask
     from distributed import LocalCluster
@@ -350,7 +365,9 @@ def connect(scheduler: str | None, workers: int | None, cores: int, device: str 
 
     count = workers or default_workers(cores, psutil.virtual_memory().available, uses_gpu(device))
     cluster = _local_cluster(count, max(1, cores // count))
-    return Client(cluster), cluster
+    client = Client(cluster)
+    client.register_plugin(_InterruptIgnored(), name="liverseg-ignore-sigint")
+    return client, cluster
 
 
 def _failed_row(batch_case: BatchCase, error: str) -> dict:
@@ -378,7 +395,7 @@ def run_batch(
     """Run every case not already done on ``client``'s cluster; the summary is kept current as rows arrive.
 
     A ``KeyboardInterrupt`` cancels the remaining tasks, keeps the finished rows and returns an interrupted
-    run (the caller closes the cluster, then calls ``remove_partial_files`` for unfinished cases)."""
+    run (the caller closes the cluster, then calls ``discard_unrecorded``)."""
     from distributed import as_completed
 
     card = read_card(options.card_path)
@@ -425,9 +442,18 @@ def run_batch(
     return run
 
 
-def unfinished(cases: list[BatchCase], run: BatchRun) -> list[BatchCase]:
-    names = {row["name"] for row in run.rows if row.get("status") in FINISHED + ("failed",)}
-    return [c for c in cases if c.name not in names]
+def discard_unrecorded(cases: list[BatchCase], run: BatchRun, options: BatchOptions, started_at: float) -> None:
+    """After the cluster is closed: for every case without a row, the partial files of a killed writer and the
+    files a worker still finished after an interrupt (written since ``started_at``, a ``time.time()``), so
+    that every file this run left in OUT_DIR has its row in the summary. Older outputs are left as they are."""
+    recorded = {row["name"] for row in run.rows if row.get("status") in FINISHED + ("failed",)}
+    for batch_case in cases:
+        if batch_case.name in recorded:
+            continue
+        remove_partial_files(options, batch_case.name)
+        for path in (options.output_of(batch_case.name), options.preview_of(batch_case.name)):
+            if path.exists() and path.stat().st_mtime >= started_at:
+                path.unlink()
 
 
 def check_out_dir(path: str | os.PathLike) -> Path:

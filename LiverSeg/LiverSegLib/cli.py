@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -183,7 +184,7 @@ def _segment(args: argparse.Namespace, events: JsonEvents | None) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from .batch import BatchOptions, check_out_dir, connect, find_cases, remove_partial_files, run_batch, unfinished
+    from .batch import BatchOptions, check_out_dir, connect, discard_unrecorded, find_cases, run_batch
     from .model import BUNDLED_CARD, read_card
     from .runtime import usable_cores
 
@@ -201,6 +202,7 @@ def _batch(args: argparse.Namespace) -> int:
     options = BatchOptions(check_out_dir(args.output_dir).resolve(), BATCH_FORMATS[args.format], card_path, args.device,
                            args.runtime, not args.no_lesions, not args.no_postprocess, args.preview)
     on_row, close_bar = _batch_progress(len(cases))
+    started_at = time.time()
     client, cluster = connect(args.scheduler, args.workers, usable_cores(), args.device)
     try:
         run = run_batch(cases, options, client, on_row)
@@ -209,8 +211,7 @@ def _batch(args: argparse.Namespace) -> int:
         client.close()
         if cluster is not None:
             cluster.close()
-    for batch_case in unfinished(cases, run):
-        remove_partial_files(options, batch_case.name)
+    discard_unrecorded(cases, run, options, started_at)
     if args.preview:
         from .preview import write_contact_sheets
 
