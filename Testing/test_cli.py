@@ -197,6 +197,22 @@ def test_seg_nrrd_and_reports(capsys, tmp_path, data_root):
     assert "SCT^10200004^Liver" in label.GetMetaData("Segment0_Tags")
 
 
+def test_precision_choice_is_run_and_reported(capsys, tmp_path, data_root):
+    """--precision: the int8 graph by default on the CPU, the fp32 one when asked; the report and the summary
+    line say which ran, and the two liver masks of a real CT nearly coincide."""
+    ct_path = data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz"
+    masks = {}
+    for precision, expected in (("auto", "int8"), ("fp32", "fp32")):
+        output, report_path = tmp_path / f"{precision}.nii.gz", tmp_path / f"{precision}.json"
+        code, out, err = run_cli(capsys, "segment", ct_path, "-o", output, "--device", "cpu", "--precision", precision, "--report", report_path)
+        assert code == 0, err
+        assert json.loads(report_path.read_text(encoding="utf-8"))["precision"] == expected
+        assert f"(onnxruntime {expected})" in out
+        masks[expected] = sitk.GetArrayFromImage(sitk.ReadImage(str(output))) >= 1
+    overlap = 2 * np.count_nonzero(masks["int8"] & masks["fp32"]) / (masks["int8"].sum() + masks["fp32"].sum())
+    assert 0.99 < overlap < 1.0 or np.array_equal(masks["int8"], masks["fp32"])
+
+
 def test_bad_report_path_is_refused_before_work(capsys, tmp_path, data_root):
     ct = data_root / "cases" / "totalseg_example_sm_MODEL" / "ct.nii.gz"
     assert_refused(capsys, tmp_path, [ct, "--report", tmp_path / "report.txt"], "report must end with")

@@ -145,7 +145,7 @@ def test_segments_without_torch_installed(data_root, tmp_path):
         capture_output=True, text=True, env=os.environ.copy(),
     )
     assert done.returncode == 0, done.stderr
-    assert "imported: []" in done.stderr and "(onnxruntime)" in done.stdout
+    assert "imported: []" in done.stderr and "(onnxruntime int8)" in done.stdout
     predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(output))) >= 1
     truth = sitk.GetArrayFromImage(read_case(data_root, "ircad_17")[1]) >= 1
     assert 2 * np.count_nonzero(predicted & truth) / (predicted.sum() + truth.sum()) >= 0.90
@@ -238,7 +238,7 @@ def test_cli_says_when_it_prepares_the_onnx_model(card_without_graph, tmp_path, 
     assert main(argv) == 0
     first = capsys.readouterr()
     assert "liverseg: preparing the model for ONNX Runtime (first run of this model only)" in first.err
-    assert "(onnxruntime)" in first.out
+    assert "(onnxruntime fp32)" in first.out  # a card without graphs has no int8 one either
     argv[3] = str(tmp_path / "again.nii.gz")
     assert main(argv) == 0
     assert "preparing the model" not in capsys.readouterr().err

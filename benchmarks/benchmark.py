@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from LiverSegLib.options import DEVICES, RUNTIMES
-from LiverSegLib.runtime import PRECISIONS
+from LiverSegLib.options import PRECISIONS
 
 
 def end_to_end_child(ct: str, device: str, runtime: str, precision: str, batch_size: int | None) -> None:

@@ -47,7 +47,7 @@ SUMMARY_NAME = "summary.csv"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 SUMMARY_COLUMNS = (
     "name", "input", "status", "error", "output", "preview", "liver_ml", "lesion_count", "lesion_ml",
-    "lesion_burden_pct", "qc_warnings", "seconds", "worker", "model_name", "model_version", "device", "runtime",
+    "lesion_burden_pct", "qc_warnings", "seconds", "worker", "model_name", "model_version", "device", "runtime", "precision",
 )
 FINISHED = ("done", "skipped")
 EXIT_ALL_DONE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 3, 130
@@ -79,6 +79,7 @@ class BatchOptions:
     card_path: str = str(BUNDLED_CARD)
     device: str = "auto"
     runtime: str = "auto"
+    precision: str = "auto"
     lesions: bool = True
     postprocess: bool = True
     preview: bool = False
@@ -189,11 +190,11 @@ def find_cases(inputs: Iterable[str | os.PathLike]) -> list[BatchCase]:
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_segmenter(card_path: str, device: str, runtime: str):
+def _worker_segmenter(card_path: str, device: str, runtime: str, precision: str):
     """The model of this worker process, loaded by its first case and kept for every later one."""
     from .pipeline import LiverSegmenter
 
-    return LiverSegmenter(card_path, device=device, runtime=runtime)
+    return LiverSegmenter(card_path, device=device, runtime=runtime, precision=precision)
 
 
 def _worker_name() -> str:
@@ -231,7 +232,7 @@ def run_case(batch_case: BatchCase, options: BatchOptions) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            segmenter = _worker_segmenter(options.card_path, options.device, options.runtime)
+            segmenter = _worker_segmenter(options.card_path, options.device, options.runtime, options.precision)
             report, result = segment_case(segmenter, batch_case.case, output, options.lesions, options.postprocess, preview)
         except Exception as error:  # noqa: BLE001 - recorded in the summary, the cohort goes on
             if os.environ.get("LIVERSEG_DEBUG"):
@@ -254,6 +255,7 @@ def run_case(batch_case: BatchCase, options: BatchOptions) -> dict:
         "model_version": result.model_version,
         "device": result.device,
         "runtime": result.runtime,
+        "precision": result.precision,
     }
 
 

@@ -157,6 +157,7 @@ def volume_report(image: sitk.Image, result: SegmentationResult, input_path: str
         "model": {"name": result.model_name, "version": result.model_version},
         "device": result.device,
         "runtime": result.runtime,
+        "precision": result.precision,
         "seconds": round(result.seconds, 3),
         "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
         "qc_warnings": list(result.qc_warnings),
@@ -170,7 +171,7 @@ def summary_line(report: dict) -> str:
         lesions += "" if report["lesions_validated"] else " [experimental]"
     else:
         lesions = "lesions off"
-    runtime = "" if report["runtime"] == "torch" else f" ({report['runtime']})"
+    runtime = "" if report["runtime"] == "torch" else f" ({report['runtime']} {report.get('precision', 'fp32')})"
     return f"liver {report['liver_volume_ml']:.1f} mL; {lesions}; {report['seconds']:.1f} s on {report['device']}{runtime}"
 
 
@@ -182,7 +183,7 @@ def report_markdown(report: dict, preview: str | None = None) -> str:
         *([f"![preview]({preview})", ""] if preview else []),
         f"- Input: `{report['input']}`",
         f"- Segmentation: `{report['output']}`",
-        f"- Model: {report['model']['name']} {report['model']['version']} on {report['device']} ({report['runtime']}), {report['seconds']:.1f} s",
+        f"- Model: {report['model']['name']} {report['model']['version']} on {report['device']} ({report['runtime']}, {report.get('precision', 'fp32')}), {report['seconds']:.1f} s",
         "",
         "| measure | value |",
         "|---|---|",

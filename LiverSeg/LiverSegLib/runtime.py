@@ -36,12 +36,11 @@ import numpy as np
 from .dependencies import GPU_INSTALL_HINT, importable
 from .errors import LiverSegInputError, ModelIntegrityError
 from .model import ModelCard, load_network, read_card, sha256_of, verify_int8_onnx, verify_model, verify_onnx, write_card
-from .options import RUNTIMES
+from .options import PRECISIONS, RUNTIMES
 
 log = logging.getLogger(__name__)
 ONNX_EXPORT_VERSION = 1  # bump when the export itself changes (opset, names), so old cache files go unused
 ONNX_OPSET = 17
-PRECISIONS = ("auto", "fp32")  # auto: the card's int8 graph on the CPU when it ships one
 INT8_SLICE_STRIDE = 4  # int8 calibration: every 4th slice of every training case
 INT8_BATCH = 8
 
