@@ -28,7 +28,7 @@ from pathlib import Path
 from .errors import LiverSegInputError
 from .options import BATCH_FORMATS, DEVICES, PRECISIONS, RUNTIMES
 
-PRECISION_HELP = "CPU network: auto runs the model's int8 graph when it ships one (2.5 times faster here, liver Dice within 0.0003 of fp32 on the expert cases: benchmarks/README.md), fp32 the full-precision graph"
+PRECISION_HELP = "CPU network: auto runs the model's int8 graph when it ships one (2.2-2.5 times the fp32 network's speed here, liver Dice within 0.0003 of fp32 on the expert cases: benchmarks/README.md), fp32 the full-precision graph"
 
 EXIT_INPUT_ERROR = 2
 PROGRESS_MODES = ("bar", "json", "none")
