@@ -110,3 +110,20 @@ def test_a_scan_whose_probes_show_no_liver_is_run_whole(segmenter):
     near = predict_near_liver(segmenter.network, volume, segmenter.card, progress=lambda done, total: progress.append((done, total)))
     assert np.array_equal(near, predict_in_batches(segmenter.network, volume, segmenter.card))
     assert progress[-1] == (24, 24)
+
+
+def test_each_channel_meets_its_own_threshold():
+    """A lesion probability of 0.45 is a lesion at a lesion threshold of 0.4 and not at 0.5, whatever the
+    liver's threshold; the box then holds it even where the liver channel is below its own."""
+    from LiverSegLib.inference import probabilities_to_box_masks
+
+    probabilities = np.zeros((4, 2, 8, 8), np.float32)
+    probabilities[1:3, 0, 2:6, 2:6] = 0.9
+    probabilities[3, 1, 4, 4] = 0.45  # a lesion voxel on a slice with no liver above 0.5
+    grid = SliceGrid(8, 8)
+    assert not probabilities_to_masks(probabilities, grid, 0.5)[:, 1].any()
+    masks = probabilities_to_masks(probabilities, grid, (0.5, 0.4))
+    assert masks[3, 1, 4, 4] and masks[:, 1].sum() == 1 and np.array_equal(masks[:, 0], probabilities[:, 0] >= 0.5)
+    box, _ = probabilities_to_box_masks(probabilities, grid, (0.5, 0.4))
+    assert box[0] == slice(1, 4)
+    assert np.array_equal(probabilities_to_masks(probabilities, grid, (0.5, 0.5)), probabilities_to_masks(probabilities, grid, 0.5))

@@ -75,3 +75,17 @@ def test_pipeline_check_on_training_patients_not_accuracy(data_root, segmenter, 
     assert dice >= 0.90, f"{case}: liver Dice {dice:.3f}"
     true_ml = truth.sum() * np.prod(ct.GetSpacing()) / 1000
     assert result.liver_ml == pytest.approx(true_ml, rel=0.15)
+
+
+def test_cards_without_lesion_settings_use_the_card_threshold_and_keep_every_lesion():
+    """Cards written before the lesion settings load with the card's threshold for lesions and no
+    minimum size (the behaviour they were validated with); set, the lesion channel has its own."""
+    data = json.loads(BUNDLED_CARD.read_text(encoding="utf-8"))
+    data.pop("lesion_threshold", None)
+    data.pop("min_lesion_ml", None)
+    card = ModelCard.from_dict(data)
+    assert card.lesion_threshold is None and card.min_lesion_ml == 0.0
+    assert card.channel_thresholds() == (card.threshold, card.threshold)
+    tuned = ModelCard.from_dict({**data, "lesion_threshold": 0.7, "min_lesion_ml": 0.5})
+    assert tuned.channel_thresholds() == (tuned.threshold, 0.7) and tuned.min_lesion_ml == 0.5
+    assert read_card(BUNDLED_CARD).channel_thresholds() == (read_card(BUNDLED_CARD).threshold,) * 2

@@ -83,3 +83,26 @@ def test_clean_up_in_the_box_gives_the_label_map_of_the_whole_grid(data_root, se
     assert np.array_equal(label, whole) and 2 in label
     assert result.liver_ml == np.count_nonzero(whole >= 1) * voxel_ml
     assert result.lesion_volumes_ml == lesion_volumes_ml(whole, voxel_ml)
+
+
+def test_lesion_settings_at_their_defaults_keep_the_label_map(data_root, segmenter):
+    """On a real CT with lesions, through the near-liver pass and the box clean-up: a card that states the
+    lesion threshold as the card's threshold and no minimum size gives the bundled card's label map voxel
+    for voxel; a higher lesion threshold keeps fewer lesion voxels, and a minimum size above every lesion
+    turns them all into liver, leaving the liver as it was."""
+    import copy
+    import dataclasses
+
+    ct, _ = read_case(data_root, "ircad_17")
+    before = sitk.GetArrayFromImage(segmenter.segment(ct).label_image)
+
+    def segment_with(**settings) -> np.ndarray:
+        tuned = copy.copy(segmenter)
+        tuned.card = dataclasses.replace(segmenter.card, **settings)
+        return sitk.GetArrayFromImage(tuned.segment(ct).label_image)
+
+    assert np.array_equal(segment_with(lesion_threshold=segmenter.card.threshold, min_lesion_ml=0.0), before) and 2 in before
+    stricter = segment_with(lesion_threshold=0.9)
+    assert np.count_nonzero(stricter == 2) < np.count_nonzero(before == 2)
+    no_lesions = segment_with(min_lesion_ml=1e6)
+    assert 2 not in no_lesions and np.array_equal(no_lesions >= 1, before >= 1)

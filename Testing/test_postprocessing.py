@@ -152,3 +152,38 @@ def test_lesion_volumes_by_hand():
     label[6:8, 7:10, 7:8] = 2  # 6 voxels
     assert sorted(lesion_volumes_ml(label, 0.5)) == [3.0, 4.5]
     assert lesion_volumes_ml(np.zeros((3, 3, 3), np.uint8), 1.0) == []
+
+
+def _liver_with_two_lesions() -> tuple[np.ndarray, np.ndarray]:
+    """A 10³-voxel liver holding a 1-voxel lesion and a 2×2×2 lesion (diagonal neighbours of the small
+    one count: lesions are 26-connected)."""
+    liver = np.zeros((12, 12, 12), bool)
+    liver[1:11, 1:11, 1:11] = True
+    lesion = np.zeros_like(liver)
+    lesion[3, 3, 3] = True
+    lesion[6:8, 6:8, 6:8] = True
+    return liver, lesion
+
+
+@pytest.mark.parametrize(("min_lesion_ml", "kept_voxels"), [(0.0, 9), (0.2, 8), (0.8, 8), (0.9, 0)])
+def test_lesions_below_the_minimum_size_become_liver(min_lesion_ml, kept_voxels):
+    """At 0.1 mL a voxel, the 1-voxel lesion (0.1 mL) goes below any bar above 0.1 mL and the 8-voxel one
+    (0.8 mL) at a bar above 0.8 mL; dropped lesions stay liver, the liver itself is unchanged."""
+    liver, lesion = _liver_with_two_lesions()
+    label = compose_label_map(liver, lesion, min_lesion_ml=min_lesion_ml, voxel_ml=0.1)
+    assert np.count_nonzero(label == 2) == kept_voxels
+    assert np.array_equal(label >= 1, liver)
+    assert lesion_volumes_ml(label, 0.1) == pytest.approx([0.1, 0.8] if kept_voxels == 9 else [0.8] if kept_voxels else [])
+
+
+def test_diagonal_lesion_voxels_are_one_component_for_the_size_bar():
+    """Two voxels touching only at a corner are one 26-connected lesion of 0.2 mL, kept at a 0.15 mL bar."""
+    liver, lesion = _liver_with_two_lesions()
+    lesion[4, 4, 4] = True  # corner neighbour of (3, 3, 3)
+    label = compose_label_map(liver, lesion, min_lesion_ml=0.15, voxel_ml=0.1)
+    assert label[3, 3, 3] == label[4, 4, 4] == 2
+
+
+def test_no_minimum_size_leaves_the_label_map_as_before():
+    liver, lesion = _liver_with_two_lesions()
+    assert np.array_equal(compose_label_map(liver, lesion, min_lesion_ml=0.0, voxel_ml=0.1), compose_label_map(liver, lesion))

@@ -12,7 +12,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -224,15 +224,21 @@ def predict_probabilities(
 
 
 Box = tuple[slice, slice, slice]
+Threshold = float | Sequence[float]  # one for every channel, or one per channel
 
 
-def mask_box(probabilities: np.ndarray, grid: SliceGrid, threshold: float) -> Box:
+def per_channel(threshold: Threshold, channels: int) -> np.ndarray:
+    """``threshold`` as a (channels,) float32 array: the lesion channel may have its own (ModelCard)."""
+    return np.broadcast_to(np.asarray(threshold, dtype=np.float32), (channels,))
+
+
+def mask_box(probabilities: np.ndarray, grid: SliceGrid, threshold: Threshold) -> Box:
     """The (slices, rows, cols) box of the slice grid outside which no upsampled probability of
-    ``probabilities`` (Z, channels, n, n) reaches ``threshold``: an empty box when none does.
+    ``probabilities`` (Z, channels, n, n) reaches its channel's ``threshold``: an empty box when none does.
 
     Bilinear upsampling is a convex combination, so a slice-grid pixel can reach the threshold only if one
     of the model-grid pixels it is made of (weight above zero) does: the box holds every such pixel."""
-    above = probabilities >= threshold
+    above = probabilities >= per_channel(threshold, probabilities.shape[1])[:, None, None]
     occupied = np.flatnonzero(above.any(axis=(1, 2, 3)))
     if not len(occupied):
         return slice(0, 0), slice(0, 0), slice(0, 0)
@@ -246,7 +252,7 @@ def mask_box(probabilities: np.ndarray, grid: SliceGrid, threshold: float) -> Bo
 
 
 def probabilities_to_box_masks(
-    probabilities: np.ndarray, grid: SliceGrid, threshold: float, chunk_slices: int = 16
+    probabilities: np.ndarray, grid: SliceGrid, threshold: Threshold, chunk_slices: int = 16
 ) -> tuple[Box, np.ndarray]:
     """(Z, channels, n, n) model-grid probabilities → (``mask_box``, (slices, channels, rows, cols) bool
     masks inside it): every voxel of the slice grid that reaches the threshold lies in the box, and the
@@ -257,16 +263,17 @@ def probabilities_to_box_masks(
     or more of a CT's slices) and only inside the box (the liver's, a fraction of a 512² slice)."""
     box = mask_box(probabilities, grid, threshold)
     depths, rows, cols = box
+    thresholds = per_channel(threshold, probabilities.shape[1])
     masks = np.zeros((depths.stop - depths.start, probabilities.shape[1], rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
-    occupied = depths.start + np.flatnonzero(probabilities[depths].max(axis=(1, 2, 3)) >= threshold)
+    occupied = depths.start + np.flatnonzero((probabilities[depths].max(axis=(2, 3)) >= thresholds).any(axis=1))
     for start in range(0, len(occupied), chunk_slices):
         indices = occupied[start : start + chunk_slices]
-        masks[indices - depths.start] = to_slice_grid(probabilities[indices], grid, rows, cols) >= threshold
+        masks[indices - depths.start] = to_slice_grid(probabilities[indices], grid, rows, cols) >= thresholds[:, None, None]
     return box, masks
 
 
 def probabilities_to_masks(
-    probabilities: np.ndarray, grid: SliceGrid, threshold: float, chunk_slices: int = 16
+    probabilities: np.ndarray, grid: SliceGrid, threshold: Threshold, chunk_slices: int = 16
 ) -> np.ndarray:
     """(Z, channels, n, n) model-grid probabilities → (Z, channels, rows, cols) bool masks on the slice grid
     (``probabilities_to_box_masks`` placed into the whole grid)."""

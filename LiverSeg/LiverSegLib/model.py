@@ -35,6 +35,11 @@ class ModelCard:
     window_hu: tuple[float, float] = (-200.0, 300.0)
     channels: tuple[str, ...] = CHANNEL_NAMES
     threshold: float = 0.5
+    # The lesion channel's own probability threshold (None: ``threshold``) and the smallest lesion kept, in
+    # mL (26-connected components below it become liver; 0 keeps every one). Chosen on training patients
+    # only (LiverSegTraining/runner.py, choose_lesion_settings); a card without them behaves as before.
+    lesion_threshold: float | None = None
+    min_lesion_ml: float = 0.0
     lesions_validated: bool = False
     weights_file: str = "liverseg.safetensors"
     weights_sha256: str = ""
@@ -55,6 +60,12 @@ class ModelCard:
     @property
     def in_channels(self) -> int:
         return 2 * self.context_slices + 1
+
+    def channel_thresholds(self) -> tuple[float, ...]:
+        """The probability threshold of each channel: the lesion channel has its own when the card sets one,
+        since the threshold that best separates lesions need not be the liver's."""
+        lesion = self.threshold if self.lesion_threshold is None else self.lesion_threshold
+        return tuple(lesion if name == "liver_lesion" else self.threshold for name in self.channels)
 
     def to_json(self) -> str:
         """Strict JSON that any reader loads: a value that was never measured (NaN) is written as null."""

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from .geometry import canonical_transform
 from .inference import (
+    Box,
     ProgressCallback,
     choose_device_name,
     predict_in_batches,
@@ -53,6 +54,22 @@ class SegmentationResult:
 
 def voxel_volume_ml(image: sitk.Image) -> float:
     return float(np.prod(image.GetSpacing())) / 1000.0
+
+
+def label_map_in_box(
+    probabilities: np.ndarray, grid: SliceGrid, card: ModelCard, voxel_ml: float, lesions: bool = True, postprocess: bool = True
+) -> tuple[Box, np.ndarray]:
+    """(box, label map inside it) of the slice grid from the network's (Z, channels, n, n) probabilities,
+    with the card's thresholds (the lesion channel's own) and minimum lesion size: the one place a label
+    map is made, so the engine and the choice of lesion settings in training agree voxel for voxel.
+
+    Upsampling and clean-up run inside the box where some channel can reach its threshold (the liver's, a
+    fraction of the CT): the label map is the same as on the whole grid (tested), since connectivity and
+    hole filling need the organ and a rim or the edge of the volume only."""
+    box, masks = probabilities_to_box_masks(probabilities, grid, card.channel_thresholds())
+    liver, lesion = masks[:, 0], (masks[:, 1] if lesions else None)
+    label_map = compose_label_map(liver, lesion, keep_largest=postprocess, fill=postprocess, min_lesion_ml=card.min_lesion_ml, voxel_ml=voxel_ml)
+    return box, label_map
 
 
 class LiverSegmenter:
@@ -111,19 +128,14 @@ class LiverSegmenter:
                 self.network, volume, self.card, self.device, batch_size=batch_size, progress=progress
             )
         lap("network")
-        # Upsampling and clean-up inside the box where the network's output can reach the threshold (the
-        # liver's, a fraction of the CT): the label map is the same as on the whole grid (tested), since
-        # connectivity and hole filling need the organ and a rim or the edge of the volume only.
-        box, masks = probabilities_to_box_masks(probabilities, SliceGrid(*ct_canonical.shape[1:]), self.card.threshold)
-        liver, lesion = masks[:, 0], (masks[:, 1] if lesions else None)
-        label_in_box = compose_label_map(liver, lesion, keep_largest=postprocess, fill=postprocess)
+        voxel_ml = voxel_volume_ml(image)
+        box, label_in_box = label_map_in_box(probabilities, SliceGrid(*ct_canonical.shape[1:]), self.card, voxel_ml, lesions, postprocess)
         label_canonical = np.zeros(ct_canonical.shape, np.uint8)
         label_canonical[box] = label_in_box
         lap("postprocess")
         label_image = sitk.GetImageFromArray(np.ascontiguousarray(transform.from_canonical(label_canonical)))
         label_image.CopyInformation(image)
         lap("to_input_grid")
-        voxel_ml = voxel_volume_ml(image)
         lesion_volumes: list[float] = []
         if lesions:
             lesion_volumes = lesion_volumes_ml(label_in_box, voxel_ml)

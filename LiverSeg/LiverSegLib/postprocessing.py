@@ -59,13 +59,33 @@ def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
     return tuple(box)
 
 
+def drop_small_lesions(label_map: np.ndarray, min_lesion_ml: float, voxel_ml: float) -> None:
+    """Relabel as liver, in place, every lesion component (26-connected: the lesion count's connectivity)
+    smaller than ``min_lesion_ml``: a speck of a few voxels is more often noise than a metastasis, and on
+    a healthy liver each one is a false lesion. 0 keeps every lesion."""
+    lesion = label_map == LESION
+    if min_lesion_ml <= 0 or not lesion.any():
+        return
+    box = bounding_box(lesion)
+    components, _ = label_components(lesion[box], fully_connected=True)
+    small = np.bincount(components.ravel()) * voxel_ml < min_lesion_ml
+    small[0] = False  # background
+    label_map[box][small[components]] = LIVER
+
+
 def compose_label_map(
-    liver: np.ndarray, lesion: np.ndarray | None, keep_largest: bool = True, fill: bool = True
+    liver: np.ndarray,
+    lesion: np.ndarray | None,
+    keep_largest: bool = True,
+    fill: bool = True,
+    min_lesion_ml: float = 0.0,
+    voxel_ml: float = 0.0,
 ) -> np.ndarray:
     """Liver and lesion masks (canonical grid) → uint8 label map 0/1/2 with lesions inside the liver.
 
     Lesions count as liver for the largest-component and hole-filling steps (a tumour is part of the
-    organ), then are cut to the cleaned liver. The work is done inside the organ's bounding box (with a
+    organ), then are cut to the cleaned liver; lesions smaller than ``min_lesion_ml`` (voxels of
+    ``voxel_ml``) then become liver (``drop_small_lesions``). The work is done inside the organ's bounding box (with a
     one-voxel margin, so filling and connectivity are the same as on the whole volume), which is a
     fraction of a 512² CT, and the holes are filled inside the kept component's own box (the same holes:
     each lies inside it). Any box that holds the organ gives the same result (the pipeline passes one).
@@ -82,6 +102,7 @@ def compose_label_map(
     label_map[box] = cropped
     if lesion is not None:
         label_map[lesion & (label_map == LIVER)] = LESION
+        drop_small_lesions(label_map, min_lesion_ml, voxel_ml)
     return label_map
 
 
