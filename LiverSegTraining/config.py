@@ -42,6 +42,24 @@ class SplitConfig:
     exclude: list[str] = field(default_factory=list)
 
 
+LESION_SELECTIONS = ("fixed", "inner")
+
+
+@dataclass
+class LesionConfig:
+    """How the lesion threshold and minimum lesion size of the card are set. "fixed": the card's threshold
+    and no minimum size (or [model] lesion_threshold / min_lesion_ml). "inner": chosen from this grid by
+    inner leave-one-patient-out folds inside the training patients (runner.choose_lesion_settings), so an
+    outer fold's test patient never shapes the settings it is judged with."""
+
+    selection: str = "fixed"
+    thresholds: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+    min_sizes_ml: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.5, 1.0])
+    # Lesion Dice given up per false lesion on a lesion-free liver (mean over those livers): a healthy
+    # liver shown with a lesion costs a surgeon more than a slightly smaller Dice on a real one.
+    false_lesion_penalty: float = 0.1
+
+
 @dataclass
 class TrainConfig:
     name: str = "liverseg-unet-resnet18"
@@ -57,9 +75,10 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossWeights = field(default_factory=LossWeights)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    lesion: LesionConfig = field(default_factory=LesionConfig)
 
     def card(self) -> ModelCard:
-        allowed = {"architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "threshold"}
+        allowed = {"architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "threshold", "lesion_threshold", "min_lesion_ml"}
         unknown = set(self.model) - allowed
         if unknown:
             raise LiverSegInputError(f"unknown [model] keys: {', '.join(sorted(unknown))}")
@@ -112,8 +131,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         for key in keys[:-1]:
             target = target.setdefault(key, {})
         target[keys[-1]] = value
-    sections = {"split": SplitConfig, "schedule": ScheduleConfig, "loss": LossWeights, "augment": AugmentConfig}
+    sections = {"split": SplitConfig, "schedule": ScheduleConfig, "loss": LossWeights, "augment": AugmentConfig, "lesion": LesionConfig}
     built = {name: _build(cls, raw.pop(name, {}), name) for name, cls in sections.items()}
     config = _build(TrainConfig, {**raw, **built}, "top level")
     config.card()  # validates [model]
+    if config.lesion.selection not in LESION_SELECTIONS:
+        raise LiverSegInputError(f"lesion.selection must be one of {', '.join(LESION_SELECTIONS)}, not '{config.lesion.selection}'")
     return config

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
 import shlex
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +20,28 @@ from LiverSegLib.geometry import canonical_transform
 from LiverSegLib.model import ModelCard, save_model
 from LiverSegLib.outputs import write_strict_json
 from LiverSegLib.runtime import export_onnx_graph
-from LiverSegLib.pipeline import LiverSegmenter
+from LiverSegLib.pipeline import LiverSegmenter, label_map_in_box, voxel_volume_ml
+from LiverSegLib.postprocessing import LESION, lesion_volumes_ml
+from LiverSegLib.preprocessing import SliceGrid
 
-from .config import TrainConfig, expand
+from .config import LesionConfig, TrainConfig, expand
 from .data import PreparedCase, prepare_case
-from .metrics import label_map_metrics
+from .metrics import label_map_metrics, overlap
 from .plots import plot_history, plot_prediction_panel
 from .sources import Case, discover
 from .train import TrainResult, train
 
 log = logging.getLogger(__name__)
 LESION_DICE_BAR = 0.5
+LESION_SELECTION_RULE = (
+    "the lesion threshold and minimum lesion size are chosen from the grid of `[lesion]` on the training patients "
+    "only: each training patient is held out once by an inner leave-one-patient-out fold, the network trained "
+    "without it gives its lesion probabilities, and every candidate re-thresholds those stored probabilities "
+    "through the engine's own label-map step; the candidate with the highest mean lesion Dice over the inner "
+    "lesion cases minus `false_lesion_penalty` × the mean number of false lesions per lesion-free inner liver "
+    "wins, ties going to fewer false lesions, then to the threshold nearest the card's and the smaller minimum size"
+)
+LESION_COLUMNS = ("lesion_threshold", "min_lesion_ml", "lesion_chosen_on")  # rows of folds whose settings were chosen
 SUMMARY_KEYS = (
     "liver_dice", "liver_iou", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice",
     "lesion_recall", "lesion_false_count", "lesion_false_ml",
@@ -98,9 +111,101 @@ def fit(config: TrainConfig, train_cases: list[Case], val_cases: list[Case], out
     return result
 
 
-def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], output_dir: Path, evaluation: dict) -> Path:
-    """Write weights + card (training data, licences, command, figures) into ``output_dir/model``."""
-    card = result.card
+@dataclass
+class InnerCase:
+    """An inner validation patient's network output, stored so that every candidate lesion setting is
+    judged by re-thresholding it: one training per inner fold, not one per candidate."""
+
+    name: str
+    probabilities: np.ndarray  # (Z, channels, n, n) on the canonical model grid
+    truth: np.ndarray  # label map 0/1/2 on the canonical slice grid
+    voxel_ml: float
+    has_lesions: bool  # labelled lesions present: judged by lesion Dice; otherwise a lesion-free liver
+
+
+def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool) -> InnerCase:
+    """Train on ``pool``'s training patients other than ``held_out`` and keep ``held_out``'s probabilities."""
+    train_cases, val_cases = split_cases(pool, config, held_out)
+    result = fit(config, train_cases, val_cases, fold_dir, resume)
+    segmenter = LiverSegmenter(device=config.device, card=result.card, network=result.network)
+    ct, truth = held_out.load()
+    probabilities = segmenter.segment(ct, keep_probabilities=True).probabilities
+    canonical_truth = canonical_transform(ct.GetDirection()).to_canonical(truth)
+    has_lesions = held_out.has_lesion_label and bool((truth == LESION).any())
+    return InnerCase(held_out.name, probabilities, canonical_truth, voxel_volume_ml(ct), has_lesions)
+
+
+def candidate_figures(cases: list[InnerCase], card: ModelCard) -> dict[str, float]:
+    """Mean lesion Dice over the lesion cases and mean false lesions per lesion-free liver (every predicted
+    lesion there is false) of ``card``'s lesion settings; 0 where no case of that kind exists."""
+    dices, false_counts = [], []
+    for case in cases:
+        box, label = label_map_in_box(case.probabilities, SliceGrid(*case.truth.shape[1:]), card, case.voxel_ml)
+        if case.has_lesions:
+            predicted = np.zeros(case.truth.shape, bool)
+            predicted[box] = label == LESION
+            dices.append(overlap(predicted, case.truth == LESION)["dice"])
+        else:
+            false_counts.append(len(lesion_volumes_ml(label, case.voxel_ml)))
+    return {
+        "mean_lesion_dice": float(np.mean(dices)) if dices else 0.0,
+        "false_lesions_per_free_liver": float(np.mean(false_counts)) if false_counts else 0.0,
+    }
+
+
+def select_lesion_settings(cases: list[InnerCase], card: ModelCard, grid: LesionConfig) -> dict:
+    """The (lesion_threshold, min_lesion_ml) of ``grid`` that maximises mean lesion Dice over the lesion
+    cases minus ``false_lesion_penalty`` × mean false lesions per lesion-free liver (ties: fewer false
+    lesions, then the threshold nearest the card's and the smaller minimum size, the card's own behaviour
+    where nothing tells the candidates apart), with its figures and the inner patients it was chosen on
+    (so that the outer test patient can be shown not to be among them)."""
+    scored = []
+    for threshold, min_lesion_ml in itertools.product(grid.thresholds, grid.min_sizes_ml):
+        figures = candidate_figures(cases, replace(card, lesion_threshold=float(threshold), min_lesion_ml=float(min_lesion_ml)))
+        objective = figures["mean_lesion_dice"] - grid.false_lesion_penalty * figures["false_lesions_per_free_liver"]
+        rank = (objective, -figures["false_lesions_per_free_liver"], -abs(threshold - card.threshold), -min_lesion_ml)
+        scored.append((rank, {"lesion_threshold": float(threshold), "min_lesion_ml": float(min_lesion_ml), "objective": objective, **figures}))
+    best = max(scored, key=lambda item: item[0])[1]
+    return {**best, "chosen_on": [case.name for case in cases]}
+
+
+def choose_lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Path, resume: bool) -> dict:
+    """Lesion settings for a model trained on ``pool``'s training patients, chosen on those patients alone
+    by inner leave-one-patient-out folds (``LESION_SELECTION_RULE``): the outer fold's test patient is not
+    in ``pool``, so the settings it is judged with never saw it."""
+    train_cases, _ = split_cases(pool, config)
+    if len(train_cases) < 2:
+        raise LiverSegInputError("choosing lesion settings on inner folds needs at least two training patients")
+    inner = [inner_case(config, pool, held_out, output_dir / f"inner_{held_out.name}", resume) for held_out in train_cases]
+    chosen = select_lesion_settings(inner, config.card(), config.lesion)
+    log.info("lesion settings chosen on %s: threshold %.2f, minimum %.2f mL (mean lesion Dice %.3f, %.2f false lesions per lesion-free liver)",
+             chosen["chosen_on"], chosen["lesion_threshold"], chosen["min_lesion_ml"], chosen["mean_lesion_dice"], chosen["false_lesions_per_free_liver"])
+    return chosen
+
+
+def lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Path, resume: bool) -> dict:
+    """``choose_lesion_settings`` when ``lesion.selection`` is "inner"; nothing ("fixed": the card's own)."""
+    return choose_lesion_settings(config, pool, output_dir, resume) if config.lesion.selection == "inner" else {}
+
+
+def with_lesion_settings(card: ModelCard, settings: dict) -> ModelCard:
+    """``card`` carrying the chosen lesion settings (unchanged when none were chosen)."""
+    if not settings:
+        return card
+    return replace(card, lesion_threshold=settings["lesion_threshold"], min_lesion_ml=settings["min_lesion_ml"])
+
+
+def lesion_columns(settings: dict) -> dict:
+    """The chosen settings as a cross-validation row records them (nothing when none were chosen)."""
+    if not settings:
+        return {}
+    return {"lesion_threshold": settings["lesion_threshold"], "min_lesion_ml": settings["min_lesion_ml"], "lesion_chosen_on": " ".join(settings["chosen_on"])}
+
+
+def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], output_dir: Path, evaluation: dict, lesion: dict | None = None) -> Path:
+    """Write weights + card (training data, licences, command, figures) into ``output_dir/model``;
+    ``lesion``: settings chosen by ``choose_lesion_settings``, which the card then carries."""
+    card = with_lesion_settings(result.card, lesion or {})
     card.lesions_validated = bool(evaluation.get("lesions_validated", False))
     card.training = {
         "command": "liverseg-train " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -111,6 +216,8 @@ def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], ou
         "checkpoint": "best validation liver Dice" if config.split.val and config.split.select_on_val else "last epoch",
         "schedule": vars(config.schedule),
     }
+    if lesion:
+        card.training["lesion_selection"] = {**lesion, "rule": LESION_SELECTION_RULE, "grid": vars(config.lesion)}
     card.evaluation = evaluation
     card_path = output_dir / "model" / "liverseg.json"
     save_model(result.network, card, card_path)
@@ -145,7 +252,7 @@ def write_table(rows: list[dict], path_stem: Path) -> None:
 def format_table(rows: list[dict]) -> str:
     """Markdown table of the per-case figures; a figure not measured on a case (no lesion label: no lesion
     Dice, no recall) reads n/a, while false lesions are counted on every case."""
-    columns = TABLE_COLUMNS
+    columns = TABLE_COLUMNS + tuple(c for c in LESION_COLUMNS if any(c in row for row in rows))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -174,10 +281,13 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
     for test in experts:
         fold_dir = output_dir / f"fold_{test.name}"
         train_cases, val_cases = split_cases(cases, config, test)
+        settings = lesion_settings(config, [c for c in cases if c != test], fold_dir, resume)
         result = fit(config, train_cases, val_cases, fold_dir, resume)
-        segmenter = LiverSegmenter(device=config.device, card=result.card, network=result.network)
+        card = with_lesion_settings(result.card, settings)
+        segmenter = LiverSegmenter(device=config.device, card=card, network=result.network)
         row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png")
         row["trained_on"] = " ".join(c.name for c in train_cases)
+        row.update(lesion_columns(settings))
         rows.append(row)
         log.info(
             "fold %s: liver Dice %.4f, lesion Dice %s, lesions found %d of %d, false lesions %d (%.1f mL)", test.name, row["liver_dice"],
@@ -191,15 +301,24 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
 
 
 def train_final(config: TrainConfig, output_dir: Path, evaluation: dict, resume: bool = False) -> Path:
-    """Train on every expert case (validation cases excepted) and export the model with ``evaluation``."""
+    """Train on every expert case (validation cases excepted) and export the model with ``evaluation``;
+    with ``lesion.selection`` "inner" its lesion settings are chosen by inner folds over all training patients."""
     cases = load_cases(config)
     train_cases, val_cases = split_cases(cases, config)
+    settings = lesion_settings(config, cases, output_dir / "final", resume)
     result = fit(config, train_cases, val_cases, output_dir / "final", resume)
-    card_path = export(result, config, train_cases, output_dir, evaluation)
+    card_path = export(result, config, train_cases, output_dir, evaluation, settings)
     segmenter = LiverSegmenter(card_path, device=config.device)
     for case in val_cases[:2]:
         evaluate_case(segmenter, case, output_dir / "final" / f"panel_{case.name}.png")
     return card_path
+
+
+def lesion_text(rows: list[dict]) -> str:
+    """The paragraph of RESULTS.md on how each fold's lesion settings were chosen (empty when fixed)."""
+    if not any("lesion_chosen_on" in row for row in rows):
+        return ""
+    return f"Lesion settings per fold (`lesion_threshold`, `min_lesion_ml`, `lesion_chosen_on`): {LESION_SELECTION_RULE}. The outer test patient is never an inner patient.\n\n"
 
 
 def write_results(rows: list[dict], summary: dict, path: Path, command: str) -> None:
@@ -215,7 +334,7 @@ predicted lesion overlaps it by at least one voxel (`lesion_recall` = detected /
 lesions); a predicted lesion that overlaps no true lesion is a false lesion (`lesion_false_count`,
 `lesion_false_ml`), counted on every case, including livers labelled without lesions.
 
-Command: `{command}`
+{lesion_text(rows)}Command: `{command}`
 
 {format_table(rows)}
 
@@ -226,4 +345,4 @@ Lesion output: {status}.
     path.write_text(text, encoding="utf-8")
 
 
-__all__ = ["crossvalidate", "train_final", "evaluate_case", "load_cases", "write_results"]
+__all__ = ["choose_lesion_settings", "crossvalidate", "train_final", "evaluate_case", "load_cases", "write_results"]

@@ -45,3 +45,108 @@ def test_crossval_folds_option(data_root, tmp_path, capsys):
     assert train_main([config_path, *argv[:2], "ircad_99", *argv[3:]]) == 2
     assert "ircad_99" in capsys.readouterr().err
     assert train_main([config_path, "--folds", "ircad_17"]) == 2
+
+
+def _inner_case(name: str, lesion_probabilities: dict, truth_lesion: list = ()):
+    """A hand-made inner case on a 6×12×12 grid of 0.2 mL voxels (the model grid is the slice grid): a
+    liver at probability 0.9 everywhere inside a margin, lesion probabilities at the given voxels, and
+    the true lesion at ``truth_lesion``'s voxels (none: a lesion-free liver)."""
+    import numpy as np
+
+    from LiverSegTraining.runner import InnerCase
+
+    probabilities = np.zeros((6, 2, 12, 12), np.float32)
+    probabilities[1:5, 0, 1:11, 1:11] = 0.9
+    for voxel, probability in lesion_probabilities.items():
+        probabilities[(voxel[0], 1, voxel[1], voxel[2])] = probability
+    truth = (probabilities[:, 0] >= 0.5).astype(np.uint8)
+    for voxel in truth_lesion:
+        truth[voxel] = 2
+    return InnerCase(name, probabilities, truth, voxel_ml=0.2, has_lesions=bool(truth_lesion))
+
+
+def test_hand_made_probabilities_pick_the_known_best_settings():
+    """A true 3-voxel lesion (0.6 mL) at probability 0.65; on a lesion-free liver a false 8-voxel lesion at
+    0.55 and a false 1-voxel speck at 0.95. Only threshold 0.6 finds the lesion without the false one
+    (0.7 misses it), and only a 0.5 mL bar drops the speck and keeps the lesion (1.0 mL drops it too)."""
+    from LiverSegTraining.config import LesionConfig
+    from LiverSegTraining.runner import ModelCard, select_lesion_settings
+
+    true_lesion = [(2, 5, 5), (2, 5, 6), (2, 5, 7)]
+    lesion_case = _inner_case("with_lesion", {voxel: 0.65 for voxel in true_lesion}, true_lesion)
+    false_blob = {(z, r, c): 0.55 for z in (2, 3) for r in (3, 4) for c in (3, 4)}
+    free_liver = _inner_case("lesion_free", {**false_blob, (2, 8, 8): 0.95})
+    chosen = select_lesion_settings([lesion_case, free_liver], ModelCard(), LesionConfig())
+    assert (chosen["lesion_threshold"], chosen["min_lesion_ml"]) == (0.6, 0.5)
+    assert chosen["mean_lesion_dice"] == 1.0 and chosen["false_lesions_per_free_liver"] == 0.0
+    assert chosen["chosen_on"] == ["with_lesion", "lesion_free"]
+    # Nothing to tell the candidates apart: the card's own behaviour (its threshold, no minimum size).
+    plain = select_lesion_settings([_inner_case("plain", {})], ModelCard(), LesionConfig())
+    assert (plain["lesion_threshold"], plain["min_lesion_ml"]) == (0.5, 0.0)
+
+
+def _small_expert_cases(data_root, folder):
+    """The small weak-label volumes under names the case reader takes for expert labels, so that nested
+    cross-validation runs in seconds; small_a gets a 27-voxel lesion inside its liver (a lesion case)."""
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    sources = {"small_a": "totalseg_example_sm_MODEL", "small_b": "dcmqi_ct3slice", "small_c": "totalseg_example_dicom_MODEL"}
+    for name, source in sources.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "ct.nii.gz").symlink_to(data_root / "cases" / source / "ct.nii.gz")
+        label_image = sitk.ReadImage(str(data_root / "cases" / source / "label.nii.gz"))
+        if name == "small_a":
+            label = sitk.GetArrayFromImage(label_image)
+            k, j, i = np.argwhere(label == 1)[len(np.argwhere(label == 1)) // 2]
+            label[k - 1 : k + 2, j - 1 : j + 2, i - 1 : i + 2] = np.where(label[k - 1 : k + 2, j - 1 : j + 2, i - 1 : i + 2] == 1, 2, 0)
+            labelled = sitk.GetImageFromArray(label)
+            labelled.CopyInformation(label_image)
+            label_image = labelled
+            (folder / name / "stats.json").write_text(json.dumps({"lesion_labelled": True}), encoding="utf-8")
+        sitk.WriteImage(label_image, str(folder / name / "label.nii.gz"))
+    return list(sources)
+
+
+def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_root, tmp_path):
+    """Nested cross-validation (lesion.selection = "inner") on three small cases: the fold that tests
+    small_a chooses its lesion settings from the grid on inner folds over small_b and small_c only and
+    records them in its row and RESULTS.md; the final model's card carries settings chosen on inner folds
+    over all three training patients."""
+    from LiverSegLib.model import read_card
+    from LiverSegTraining.runner import LESION_SELECTION_RULE, crossvalidate, train_final, write_results
+
+    names = _small_expert_cases(data_root, tmp_path / "cases")
+    overrides = tiny_config(tmp_path, data_root, [f"data=[{{layout = 'cases', path = '{tmp_path / 'cases'}'}}]", "split.weak_train=[]",
+                                                  "split.val=[]", "split.exclude=[]", "lesion.selection='inner'"])
+    config = load_config(None, overrides)
+    rows, summary = crossvalidate(config, tmp_path / "cv", folds=["small_a"])
+    grid = config.lesion
+    assert [r["case"] for r in rows] == ["small_a"]
+    assert rows[0]["lesion_chosen_on"].split() == ["small_b", "small_c"] == rows[0]["trained_on"].split()
+    assert rows[0]["lesion_threshold"] in grid.thresholds and rows[0]["min_lesion_ml"] in grid.min_sizes_ml
+    assert sorted(p.name for p in (tmp_path / "cv" / "fold_small_a").glob("inner_*")) == ["inner_small_b", "inner_small_c"]
+    write_results(rows, summary, tmp_path / "cv" / "RESULTS.md", "test")
+    results = (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
+    assert LESION_SELECTION_RULE in results and "| lesion_threshold | min_lesion_ml | lesion_chosen_on |" in results
+
+    card = read_card(train_final(config, tmp_path / "final", {"summary": summary}))
+    selection = card.training["lesion_selection"]
+    assert selection["chosen_on"] == names
+    assert (card.lesion_threshold, card.min_lesion_ml) == (selection["lesion_threshold"], selection["min_lesion_ml"])
+    assert card.lesion_threshold in grid.thresholds and card.min_lesion_ml in grid.min_sizes_ml
+
+
+def test_inner_selection_needs_two_training_patients_and_a_known_mode(data_root, tmp_path):
+    import pytest
+
+    from LiverSegLib.errors import LiverSegInputError
+    from LiverSegTraining.runner import choose_lesion_settings, load_cases
+
+    with pytest.raises(LiverSegInputError, match="lesion.selection"):
+        load_config(None, tiny_config(tmp_path, data_root, ["lesion.selection='best'"]))
+    config = load_config(None, tiny_config(tmp_path, data_root, ["split.weak_train=['dcmqi_ct3slice']"]))
+    with pytest.raises(LiverSegInputError, match="two training patients"):
+        choose_lesion_settings(config, load_cases(config), tmp_path / "inner", resume=False)
