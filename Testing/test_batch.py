@@ -173,15 +173,21 @@ def _worker_processes(driver: psutil.Process) -> list[psutil.Process]:
     return workers
 
 
-def test_a_worker_killed_mid_run_has_its_case_rerun(tmp_path, data_root):
+def small_first_cohort(tmp_path: Path, data_root: Path, small_name: str) -> tuple[Path, list[str]]:
+    """A 3-slice CT (done first) and two whole CTs, and the command that segments them with 2 workers: when
+    the first line arrives, the workers are inside the whole CTs."""
     cohort = tmp_path / "cohort"
     cohort.mkdir()
-    shutil.copy(data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", cohort / "small.nii.gz")
+    shutil.copy(data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", cohort / f"{small_name}.nii.gz")
     for name in ("ircad_17", "ircad_07"):
         shutil.copy(data_root / "cases" / name / "ct.nii.gz", cohort / f"{name}.nii.gz")
     out = tmp_path / "out"
-    process = subprocess.Popen([sys.executable, "-m", "LiverSegLib.cli", "batch", str(cohort), "-o", str(out),
-                                "--workers", "2", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return out, [sys.executable, "-m", "LiverSegLib.cli", "batch", str(cohort), "-o", str(out), "--workers", "2", "--device", "cpu"]
+
+
+def test_a_worker_killed_mid_run_has_its_case_rerun(tmp_path, data_root):
+    out, command = small_first_cohort(tmp_path, data_root, "small")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = process.stderr.readline()  # "[1/3] small: done…": the other worker is inside an ircad case now
         assert first.startswith("[1/3]"), first
@@ -207,13 +213,7 @@ def test_a_worker_killed_mid_run_has_its_case_rerun(tmp_path, data_root):
 def test_ctrl_c_stops_cleanly_and_a_rerun_goes_on(tmp_path, data_root):
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it: exit 130, the finished case kept
     and in the summary, nothing half-written; the rerun does the rest and skips the finished one."""
-    cohort = tmp_path / "cohort"
-    cohort.mkdir()
-    shutil.copy(data_root / "cases" / "dcmqi_ct3slice" / "ct.nii.gz", cohort / "a_small.nii.gz")
-    for name in ("ircad_07", "ircad_17"):
-        shutil.copy(data_root / "cases" / name / "ct.nii.gz", cohort / f"{name}.nii.gz")
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "LiverSegLib.cli", "batch", str(cohort), "-o", str(out), "--workers", "2", "--device", "cpu"]
+    out, command = small_first_cohort(tmp_path, data_root, "a_small")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         first = process.stderr.readline()
@@ -230,7 +230,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_goes_on(tmp_path, data_root):
     finished = {name for name, row in rows.items() if row["status"] == "done"}
     assert {p.name.removesuffix(".nii.gz") for p in out.glob("*.nii.gz")} == finished
     assert partial_files(out) == []
-    again = batch_cli(str(cohort), "-o", str(out), "--workers", "2", "--device", "cpu")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == EXIT_ALL_DONE, again.stderr
     rows = summary_rows(out)
     assert rows["a_small"]["status"] == "skipped" and rows["ircad_07"]["status"] in ("done", "skipped")
