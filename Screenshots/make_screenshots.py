@@ -95,7 +95,7 @@ def segment(input_path: Path, device: str) -> Run:
 
 
 def caption(run: Run) -> str:
-    """The run's figures in one line, e.g. 'LiverSeg 0.1.0 (model ... 0.2.0) on CRLM-CT-1004: liver 1285.6 mL, ...'."""
+    """The run's figures in one line, e.g. 'LiverSeg 0.1.0 (model ... 0.2.0) on CRLM-CT-1004: liver 1282.7 mL, ...'."""
     report = run.report
     model = report["model"]
     text = (f"LiverSeg {LiverSegLib.__version__} (model {model['name']} {model['version']}) on {run.name}: "
