@@ -165,7 +165,7 @@ def find_cases(inputs: Iterable[str | os.PathLike]) -> list[BatchCase]:
     and CSV manifests, with unique names (``_2``, ``_3`` appended to repeats) in the order given."""
     listed: list[tuple[str, CaseInput, str]] = []
     for given in inputs:
-        path = Path(given)
+        path = Path(given).absolute()  # workers elsewhere (or in another folder) read the same file
         if not path.exists():
             raise LiverSegInputError(f"input does not exist: {path}")
         if path.is_dir():
