@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import logging
 import os
 import re
 import socket
@@ -349,8 +350,10 @@ def _local_cluster(workers: int, threads_per_worker: int):
     environment = {"OMP_NUM_THREADS": str(threads_per_worker), "MKL_NUM_THREADS": str(threads_per_worker)}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environment,
                           "distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+        # Dask's own log stays quiet below CRITICAL: a case's failure is its summary row, and a worker's heartbeat
+        # racing the cluster's shutdown logs an ERROR with a traceback that says nothing about the cohort.
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                            silence_logs=40, memory_limit="auto")
+                            silence_logs=logging.CRITICAL, memory_limit="auto")
 
 
 def connect(scheduler: str | None, workers: int | None, cores: int, device: str = "cpu") -> tuple:
