@@ -216,9 +216,9 @@ def remove_partial_files(options: BatchOptions, name: str) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    if isinstance(error, LiverSegInputError):
-        return str(error).splitlines()[0] if str(error) else type(error).__name__
     text = str(error).splitlines()[0] if str(error) else ""
+    if isinstance(error, LiverSegInputError):
+        return text or type(error).__name__
     return f"unexpected failure ({type(error).__name__}{': ' + text if text else ''})"
 
 
@@ -234,7 +234,7 @@ def run_case(batch_case: BatchCase, options: BatchOptions) -> dict:
         warnings.simplefilter("always")
         try:
             segmenter = _worker_segmenter(options.card_path, options.device, options.runtime, options.precision)
-            report, result = segment_case(segmenter, batch_case.case, output, options.lesions, options.postprocess, preview)
+            report = segment_case(segmenter, batch_case.case, output, options.lesions, options.postprocess, preview)
         except Exception as error:  # noqa: BLE001 - recorded in the summary, the cohort goes on
             if os.environ.get("LIVERSEG_DEBUG"):
                 traceback.print_exc()
@@ -250,13 +250,13 @@ def run_case(batch_case: BatchCase, options: BatchOptions) -> dict:
         "lesion_count": "" if report["lesion_count"] is None else report["lesion_count"],
         "lesion_ml": report["lesion_total_ml"] if report["lesions_segmented"] else "",
         "lesion_burden_pct": report["lesion_burden_pct"] if report["lesions_segmented"] else "",
-        "qc_warnings": " | ".join(input_warnings + list(result.qc_warnings)),
+        "qc_warnings": " | ".join(input_warnings + report["qc_warnings"]),
         "seconds": round(time.perf_counter() - started, 2),
-        "model_name": result.model_name,
-        "model_version": result.model_version,
-        "device": result.device,
-        "runtime": result.runtime,
-        "precision": result.precision,
+        "model_name": report["model"]["name"],
+        "model_version": report["model"]["version"],
+        "device": report["device"],
+        "runtime": report["runtime"],
+        "precision": report["precision"],
     }
 
 
@@ -417,7 +417,8 @@ def run_batch(
             remove_partial_files(options, batch_case.name)  # left by a writer killed after the output was complete
         else:
             to_run.append(batch_case)
-    others = [row for name, row in previous.items() if name not in {c.name for c in cases}]
+    names = {c.name for c in cases}
+    others = [row for name, row in previous.items() if name not in names]
     run = BatchRun()
 
     def ordered() -> list[dict]:
@@ -451,7 +452,7 @@ def discard_unrecorded(cases: list[BatchCase], run: BatchRun, options: BatchOpti
     """After the cluster is closed: for every case without a row, the partial files of a killed writer and the
     files a worker still finished after an interrupt (written since ``started_at``, a ``time.time()``), so
     that every file this run left in OUT_DIR has its row in the summary. Older outputs are left as they are."""
-    recorded = {row["name"] for row in run.rows if row.get("status") in FINISHED + ("failed",)}
+    recorded = {row["name"] for row in run.rows}  # a case has a row once it is done, skipped or failed
     for batch_case in cases:
         if batch_case.name in recorded:
             continue

@@ -97,8 +97,9 @@ def segment_case(
     postprocess: bool = True,
     preview: Path | None = None,
     batch_size: int | None = None,
-) -> tuple[dict, SegmentationResult]:
-    """Read, segment and write one case with a model already loaded (a batch worker keeps one per process)."""
+) -> dict:
+    """Read, segment and write one case with a model already loaded (a batch worker keeps one per process);
+    returns its volume report, which holds every figure of the run."""
     read = read_case(case, output)
     result = segmenter.segment(read.image, lesions=lesions, postprocess=postprocess, batch_size=batch_size)
-    return write_case(case, read, result, output, lesions, preview), result
+    return write_case(case, read, result, output, lesions, preview)
