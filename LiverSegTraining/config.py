@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +76,47 @@ class TrainConfig:
     loss: LossWeights = field(default_factory=LossWeights)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     lesion: LesionConfig = field(default_factory=LesionConfig)
+    # A two-stage cascade: the network of [model] becomes stage 1 (the liver's box), and a second network is
+    # trained on the same patients on crops around the liver (model.crop_margin_mm > 0). Its tables
+    # ``model``, ``schedule`` and ``augment`` override this config's for stage 2 alone. Empty: one stage.
+    stage2: dict[str, Any] = field(default_factory=dict)
+
+    def stage2_config(self) -> "TrainConfig":
+        """The config that trains a cascade's stage 2: this one with ``stage2``'s overrides, its own output
+        folder and weights file."""
+        unknown = set(self.stage2) - {"model", "schedule", "augment"}
+        if unknown:
+            raise LiverSegInputError(f"unknown [stage2] keys: {', '.join(sorted(unknown))} (model, schedule, augment)")
+        model = {**self.model, **self.stage2.get("model", {})}
+        if float(model.get("crop_margin_mm", 0.0)) <= 0:
+            raise LiverSegInputError("[stage2.model] crop_margin_mm must be above 0: stage 2 sees the liver's box and a margin")
+        return replace(
+            self, model=model, stage2={},
+            schedule=replace(self.schedule, **_checked(ScheduleConfig, self.stage2.get("schedule", {}), "stage2.schedule")),
+            augment=replace(self.augment, **_checked(AugmentConfig, self.stage2.get("augment", {}), "stage2.augment")),
+            output_dir=str(Path(self.output_dir) / "stage2"),
+        )
 
     def card(self) -> ModelCard:
-        allowed = {"architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "threshold", "lesion_threshold", "min_lesion_ml"}
+        allowed = {"architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "threshold", "lesion_threshold", "min_lesion_ml", "crop_margin_mm"}
         unknown = set(self.model) - allowed
         if unknown:
             raise LiverSegInputError(f"unknown [model] keys: {', '.join(sorted(unknown))}")
         card = ModelCard(name=self.name, version=self.version, **copy.deepcopy(self.model))
         card.decoder_channels = tuple(card.decoder_channels)
         card.window_hu = tuple(card.window_hu)  # type: ignore[assignment]
+        if card.crop_margin_mm > 0:
+            card.weights_file = STAGE2_WEIGHTS_FILE
         return card
+
+
+STAGE2_WEIGHTS_FILE = "liverseg.stage2.safetensors"
+
+
+def _checked(cls, values: dict[str, Any], section: str) -> dict[str, Any]:
+    """``values`` once every key is a field of ``cls`` (lists of tuple fields made tuples)."""
+    built = _build(cls, values, section)
+    return {key: getattr(built, key) for key in values}
 
 
 def data_root() -> str:
@@ -135,6 +166,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     built = {name: _build(cls, raw.pop(name, {}), name) for name, cls in sections.items()}
     config = _build(TrainConfig, {**raw, **built}, "top level")
     config.card()  # validates [model]
+    if config.stage2:
+        config.stage2_config().card()  # validates [stage2]
     if config.lesion.selection not in LESION_SELECTIONS:
         raise LiverSegInputError(f"lesion.selection must be one of {', '.join(LESION_SELECTIONS)}, not '{config.lesion.selection}'")
     return config

@@ -11,7 +11,7 @@ import torch
 
 from LiverSegLib.geometry import canonical_transform
 from LiverSegLib.model import ModelCard
-from LiverSegLib.preprocessing import prepare_label, prepare_volume, slice_stack
+from LiverSegLib.preprocessing import label_crop, prepare_label, prepare_volume, slice_stack
 
 from .augment import AugmentConfig, thick_slice_sample
 from .sources import Case
@@ -35,19 +35,25 @@ class PreparedCase:
 
 
 def prepare_case(case: Case, card: ModelCard, cache_dir: Path | None = None) -> PreparedCase:
-    """Read, reorient and preprocess with the engine's own functions; reuse the cache when it matches."""
-    # v2: numpy resizing; v3: the slice spacing is cached too
-    key = hashlib.sha1(f"{case.source}|{card.window_hu}|{card.input_size}|v3".encode()).hexdigest()[:12]
+    """Read, reorient and preprocess with the engine's own functions; reuse the cache when it matches. For
+    a cascade's stage 2 (``card.crop_margin_mm`` > 0) only the crop around the labelled liver
+    (``preprocessing.label_crop``), the region stage 2 sees at inference around stage 1's liver."""
+    # v2: numpy resizing; v3: the slice spacing is cached too; v4: the crop margin
+    key = hashlib.sha1(f"{case.source}|{card.window_hu}|{card.input_size}|{card.crop_margin_mm}|v4".encode()).hexdigest()[:12]
     cache_file = cache_dir / f"{case.name}-{key}.pt" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
         image, masks, spacing_z_mm = torch.load(cache_file, weights_only=True)
     else:
         ct, label = case.load()
         transform = canonical_transform(ct.GetDirection())
-        image = torch.from_numpy(prepare_volume(transform.to_canonical(sitk.GetArrayViewFromImage(ct)), card.window_hu, card.input_size))
-        image = image.half()
-        masks = torch.from_numpy(prepare_label(transform.to_canonical(label), card.input_size))
-        spacing_z_mm = float(tuple(reversed(ct.GetSpacing()))[transform.axes[0]])  # canonical axis 0 is S
+        ct_canonical, label_canonical = transform.to_canonical(sitk.GetArrayViewFromImage(ct)), transform.to_canonical(label)
+        spacing_mm = transform.canonical_spacing_mm(ct.GetSpacing())
+        if card.crop_margin_mm > 0:
+            crop = label_crop(label_canonical, spacing_mm, card.crop_margin_mm)
+            ct_canonical, label_canonical = ct_canonical[crop], label_canonical[crop]
+        image = torch.from_numpy(prepare_volume(ct_canonical, card.window_hu, card.input_size)).half()
+        masks = torch.from_numpy(prepare_label(label_canonical, card.input_size))
+        spacing_z_mm = spacing_mm[0]
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             torch.save((image, masks, spacing_z_mm), cache_file)

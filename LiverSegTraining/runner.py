@@ -20,9 +20,9 @@ from LiverSegLib.geometry import canonical_transform
 from LiverSegLib.model import ModelCard, save_model
 from LiverSegLib.outputs import write_strict_json
 from LiverSegLib.runtime import export_onnx_graph
+from LiverSegLib.geometry import Box
 from LiverSegLib.pipeline import LiverSegmenter, label_map_in_box, voxel_volume_ml
 from LiverSegLib.postprocessing import LESION, lesion_volumes_ml
-from LiverSegLib.preprocessing import SliceGrid
 
 from .config import LesionConfig, TrainConfig, expand
 from .data import PreparedCase, prepare_case
@@ -87,27 +87,42 @@ def evaluate_case(segmenter: LiverSegmenter, case: Case, plot_path: Path | None 
     spacing_kji_mm = tuple(reversed(ct.GetSpacing()))
     row: dict[str, float | str] = {"case": case.name, "label": case.label_kind, "seconds": round(result.seconds, 2)}
     row.update(label_map_metrics(prediction, truth, spacing_kji_mm, case.has_lesion_label))
-    if plot_path is not None and result.probabilities is not None:
+    if plot_path is not None and result.probabilities is not None and result.region is not None:
         transform = canonical_transform(ct.GetDirection())
         canonical_prediction = transform.to_canonical(prediction)
         canonical_truth = transform.to_canonical(truth)
         z = int((canonical_truth >= 1).sum((1, 2)).argmax())
+        slices = result.region[0]  # the probabilities cover stage 2's crop in a cascade: zero on slices outside it
+        liver_probability = result.probabilities[z - slices.start, 0] if slices.start <= z < slices.stop else np.zeros_like(result.probabilities[0, 0])
         plot_prediction_panel(
             case.name,
             transform.to_canonical(sitk.GetArrayViewFromImage(ct))[z],
             canonical_truth[z],
             canonical_prediction[z],
-            result.probabilities[z, 0],
+            liver_probability,
             plot_path,
         )
     return row
 
 
+def segmenter_of(result: TrainResult, device: str, card: ModelCard | None = None) -> LiverSegmenter:
+    """The engine running a training's networks (both stages of a cascade) with ``card`` (default: the
+    result's own)."""
+    return LiverSegmenter(device=device, card=card or result.card, network=result.network,
+                          stage2_network=result.stage2.network if result.stage2 else None)
+
+
 def fit(config: TrainConfig, train_cases: list[Case], val_cases: list[Case], output_dir: Path, resume: bool) -> TrainResult:
+    """Train the model of ``config`` on ``train_cases``; a cascade trains stage 2 on the same patients
+    (in ``output_dir/stage2``) and returns one card for both."""
     card = config.card()
     log.info("training on %s; validating on %s", [c.name for c in train_cases], [c.name for c in val_cases])
     result = train(config, _prepare(train_cases, config, card), _prepare(val_cases, config, card), output_dir, resume)
     plot_history(result.history, output_dir)
+    if config.stage2:
+        log.info("training stage 2 of the cascade on the liver's box")
+        stage2 = fit(config.stage2_config(), train_cases, val_cases, output_dir / "stage2", resume)
+        result.card, result.stage2 = result.card.with_stage(2, stage2.card), stage2
     return result
 
 
@@ -117,7 +132,8 @@ class InnerCase:
     judged by re-thresholding it: one training per inner fold, not one per candidate."""
 
     name: str
-    probabilities: np.ndarray  # (Z, channels, n, n) on the canonical model grid
+    probabilities: np.ndarray | None  # (Z, channels, n, n) on the model grid of ``region``
+    region: Box | None  # the part of the canonical volume they cover (None: no liver found, nothing to threshold)
     truth: np.ndarray  # label map 0/1/2 on the canonical slice grid
     voxel_ml: float
     has_lesions: bool  # labelled lesions present: judged by lesion Dice; otherwise a lesion-free liver
@@ -127,12 +143,11 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
     """Train on ``pool``'s training patients other than ``held_out`` and keep ``held_out``'s probabilities."""
     train_cases, val_cases = split_cases(pool, config, held_out)
     result = fit(config, train_cases, val_cases, fold_dir, resume)
-    segmenter = LiverSegmenter(device=config.device, card=result.card, network=result.network)
     ct, truth = held_out.load()
-    probabilities = segmenter.segment(ct, keep_probabilities=True).probabilities
+    segmented = segmenter_of(result, config.device).segment(ct, keep_probabilities=True)
     canonical_truth = canonical_transform(ct.GetDirection()).to_canonical(truth)
     has_lesions = held_out.has_lesion_label and bool((truth == LESION).any())
-    return InnerCase(held_out.name, probabilities, canonical_truth, voxel_volume_ml(ct), has_lesions)
+    return InnerCase(held_out.name, segmented.probabilities, segmented.region, canonical_truth, voxel_volume_ml(ct), has_lesions)
 
 
 def candidate_figures(cases: list[InnerCase], card: ModelCard) -> dict[str, float]:
@@ -140,7 +155,9 @@ def candidate_figures(cases: list[InnerCase], card: ModelCard) -> dict[str, floa
     lesion there is false) of ``card``'s lesion settings; 0 where no case of that kind exists."""
     dices, false_counts = [], []
     for case in cases:
-        box, label = label_map_in_box(case.probabilities, SliceGrid(*case.truth.shape[1:]), card, case.voxel_ml)
+        box, label = (slice(0, 0),) * 3, np.zeros((0, 0, 0), np.uint8)
+        if case.region is not None:
+            box, label = label_map_in_box(case.probabilities, case.region, card, case.voxel_ml)
         if case.has_lesions:
             predicted = np.zeros(case.truth.shape, bool)
             predicted[box] = label == LESION
@@ -218,10 +235,15 @@ def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], ou
     }
     if lesion:
         card.training["lesion_selection"] = {**lesion, "rule": LESION_SELECTION_RULE, "grid": vars(config.lesion)}
+    if result.stage2:
+        card.training["stage2"] = {
+            "epochs": len(result.stage2.history), "best_val_liver_dice_model_grid": result.stage2.best_val_liver_dice,
+            "schedule": vars(config.stage2_config().schedule), "crop_margin_mm": result.stage2.card.crop_margin_mm,
+        }
     card.evaluation = evaluation
     card_path = output_dir / "model" / "liverseg.json"
-    save_model(result.network, card, card_path)
-    export_onnx_graph(card_path)  # the graph the CPU runs without torch, reading these weights
+    save_model(result.network, card, card_path, result.stage2.network if result.stage2 else None)
+    export_onnx_graph(card_path)  # the graphs the CPU runs without torch (every stage), reading these weights
     return card_path
 
 
@@ -283,8 +305,7 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
         train_cases, val_cases = split_cases(cases, config, test)
         settings = lesion_settings(config, [c for c in cases if c != test], fold_dir, resume)
         result = fit(config, train_cases, val_cases, fold_dir, resume)
-        card = with_lesion_settings(result.card, settings)
-        segmenter = LiverSegmenter(device=config.device, card=card, network=result.network)
+        segmenter = segmenter_of(result, config.device, with_lesion_settings(result.card, settings))
         row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png")
         row["trained_on"] = " ".join(c.name for c in train_cases)
         row.update(lesion_columns(settings))

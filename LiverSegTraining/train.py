@@ -55,6 +55,7 @@ class TrainResult:
     network: torch.nn.Module
     history: list[EpochRecord] = field(default_factory=list)
     best_val_liver_dice: float = NAN  # validation liver Dice of the returned weights (the chosen epoch's)
+    stage2: "TrainResult | None" = None  # a cascade's stage 2, trained on the same patients (its card: card.stage_card(2))
 
 
 @dataclass

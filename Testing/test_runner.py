@@ -62,7 +62,8 @@ def _inner_case(name: str, lesion_probabilities: dict, truth_lesion: list = ()):
     truth = (probabilities[:, 0] >= 0.5).astype(np.uint8)
     for voxel in truth_lesion:
         truth[voxel] = 2
-    return InnerCase(name, probabilities, truth, voxel_ml=0.2, has_lesions=bool(truth_lesion))
+    region = tuple(slice(0, size) for size in truth.shape)
+    return InnerCase(name, probabilities, region, truth, voxel_ml=0.2, has_lesions=bool(truth_lesion))
 
 
 def test_hand_made_probabilities_pick_the_known_best_settings():

@@ -36,6 +36,30 @@ class CanonicalTransform:
         out = np.flip(array_spl, flip_axes) if flip_axes else array_spl
         return np.transpose(out, np.argsort(self.axes))
 
+    def canonical_spacing_mm(self, spacing_ijk_mm: tuple[float, float, float]) -> tuple[float, float, float]:
+        """The voxel size along the canonical (S, P, L) axes, from ITK's (i, j, k) spacing."""
+        spacing_kji_mm = tuple(reversed(spacing_ijk_mm))
+        return tuple(float(spacing_kji_mm[axis]) for axis in self.axes)  # type: ignore[return-value]
+
+
+Box = tuple[slice, ...]
+
+
+def bounding_box(mask: np.ndarray, margin: int = 1) -> Box:
+    """The smallest box holding every True voxel, grown by ``margin`` (empty mask: the whole array)."""
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
+def grow_box(box: Box, margins: tuple[int, ...], shape: tuple[int, ...]) -> Box:
+    """``box`` grown by ``margins`` voxels on both sides of each axis, kept inside an array of ``shape``."""
+    return tuple(slice(max(side.start - margin, 0), min(side.stop + margin, size)) for side, margin, size in zip(box, margins, shape))
+
 
 def canonical_transform(direction: tuple[float, ...] | np.ndarray) -> CanonicalTransform:
     """Pick the permutation/flip that best aligns the index axes with L, P, S (LPS physical frame).

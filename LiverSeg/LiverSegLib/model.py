@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,15 @@ class ModelCard:
     int8_onnx_file: str = ""
     int8_onnx_sha256: str = ""
     int8_calibration: dict[str, Any] = field(default_factory=dict)
+    # 0: the network sees whole slices (a single-stage model, or stage 1 of a cascade). Above 0: it sees the
+    # liver's box only, grown by this margin in mm on each side, padded to a square and resized to
+    # ``input_size`` (preprocessing.liver_crop): about 1 mm a pixel for a 25 cm box at 256 px.
+    crop_margin_mm: float = 0.0
+    # A two-stage cascade: this card's network (stage 1) finds the liver on whole slices at low resolution,
+    # and the network described here (the ``STAGE2_FIELDS`` of its card, with its own weights and graphs
+    # beside this card) segments liver and lesions inside stage 1's liver box at full detail. Thresholds,
+    # lesion settings, training and evaluation are this card's: they judge the cascade's output. Empty: one stage.
+    stage2: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     schema_version: int = CARD_SCHEMA_VERSION
@@ -60,6 +69,32 @@ class ModelCard:
     @property
     def in_channels(self) -> int:
         return 2 * self.context_slices + 1
+
+    @property
+    def stages(self) -> int:
+        return 2 if self.stage2 else 1
+
+    def stage_card(self, stage: int) -> "ModelCard":
+        """The card of one stage's network: stage 1 is this card; stage 2 is this card with the network
+        fields of ``stage2`` (its weights, graphs, input, crop), so that every function that builds, verifies,
+        exports or runs a network takes either stage's card the same way."""
+        if stage == 1:
+            return self
+        if stage != 2 or not self.stage2:
+            raise ModelIntegrityError(f"model card {self.name} has no stage {stage}")
+        unknown = set(self.stage2) - set(STAGE2_FIELDS)
+        if unknown:
+            raise ModelIntegrityError(f"model card's stage2 has unknown fields: {', '.join(sorted(unknown))}")
+        card = replace(self, stage2={}, **self.stage2)
+        card.decoder_channels = tuple(card.decoder_channels)
+        card.window_hu = tuple(card.window_hu)  # type: ignore[assignment]
+        return card
+
+    def with_stage(self, stage: int, stage_card: "ModelCard") -> "ModelCard":
+        """This card with one stage's network fields taken from ``stage_card`` (what ``stage_card`` inverts)."""
+        if stage == 1:
+            return replace(stage_card, stage2=self.stage2)
+        return replace(self, stage2={name: getattr(stage_card, name) for name in STAGE2_FIELDS})
 
     def channel_thresholds(self) -> tuple[float, ...]:
         """The probability threshold of each channel: the lesion channel has its own when the card sets one,
@@ -85,7 +120,16 @@ class ModelCard:
         card.decoder_channels = tuple(card.decoder_channels)
         card.window_hu = tuple(card.window_hu)  # type: ignore[assignment]
         card.channels = tuple(card.channels)
+        if card.stage2:
+            card.stage_card(2)  # refuses unknown stage-2 fields when the card is read
         return card
+
+
+# What a cascade's card keeps of its stage-2 network's card (everything that builds, verifies and runs it).
+STAGE2_FIELDS = (
+    "architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "crop_margin_mm",
+    "weights_file", "weights_sha256", "onnx_file", "onnx_sha256", "int8_onnx_file", "int8_onnx_sha256", "int8_calibration",
+)
 
 
 def read_card(card_path: str | Path = BUNDLED_CARD) -> ModelCard:
@@ -124,13 +168,19 @@ def build_network(card: ModelCard):
 
 
 def verify_model(card_path: str | Path = BUNDLED_CARD) -> tuple[ModelCard, Path]:
-    """(card, weights path) once the weights' SHA-256 matches the card; every way of running a model
-    starts here, so tampered weights are refused whichever runtime would have used them."""
+    """(card, stage-1 weights path) once the SHA-256 of every stage's weights matches the card; every way
+    of running a model starts here, so tampered weights are refused whichever runtime would have used them."""
     card_path = Path(card_path)
     card = read_card(card_path)
-    weights_path = card_path.parent / card.weights_file
-    _check_file(weights_path, card.weights_sha256, "model weights")
+    for stage in range(card.stages, 0, -1):
+        weights_path = stage_weights_path(card.stage_card(stage), card_path)
+        _check_file(weights_path, card.stage_card(stage).weights_sha256, "model weights" if stage == 1 else "stage-2 model weights")
     return card, weights_path
+
+
+def stage_weights_path(stage_card: ModelCard, card_path: str | Path) -> Path:
+    """Where a stage's weights lie: beside the card."""
+    return Path(card_path).parent / stage_card.weights_file
 
 
 def verify_onnx(card: ModelCard, card_path: str | Path) -> Path | None:
@@ -182,19 +232,28 @@ def load_network(card: ModelCard, weights_path: Path):
     return network.eval()
 
 
-def save_model(network, card: ModelCard, card_path: str | Path) -> ModelCard:
-    """Write half-precision safetensors weights and the card with their SHA-256 (fp16 halves git size)."""
-    from safetensors.torch import save_file
-
+def save_model(network, card: ModelCard, card_path: str | Path, stage2_network=None) -> ModelCard:
+    """Write half-precision safetensors weights (fp16 halves git size) of the network and, for a cascade,
+    of ``stage2_network``, and the card with their SHA-256."""
     card_path = Path(card_path)
     card_path.parent.mkdir(parents=True, exist_ok=True)
-    weights_path = card_path.parent / card.weights_file
+    card.weights_sha256 = _save_weights(network, stage_weights_path(card, card_path))
+    if stage2_network is not None:
+        stage2 = card.stage_card(2)
+        stage2.weights_sha256 = _save_weights(stage2_network, stage_weights_path(stage2, card_path))
+        card = card.with_stage(2, stage2)
+    write_card(card, card_path)
+    return card
+
+
+def _save_weights(network, weights_path: Path) -> str:
+    """The network's weights as fp16 safetensors at ``weights_path``; returns the file's SHA-256."""
+    from safetensors.torch import save_file
+
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in network.state_dict().items()}
     state = {name: t.half() if t.is_floating_point() else t for name, t in state.items()}
     save_file(state, str(weights_path))
-    card.weights_sha256 = sha256_of(weights_path)
-    write_card(card, card_path)
-    return card
+    return sha256_of(weights_path)
 
 
 def write_card(card: ModelCard, card_path: str | Path) -> None:

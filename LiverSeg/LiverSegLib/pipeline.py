@@ -12,19 +12,19 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import canonical_transform
+from .geometry import Box, canonical_transform
 from .inference import (
-    Box,
     ProgressCallback,
     choose_device_name,
+    mask_box,
     predict_in_batches,
     predict_near_liver,
     predict_probabilities,
     probabilities_to_box_masks,
 )
 from .model import BUNDLED_CARD, ModelCard
-from .postprocessing import LIVER, compose_label_map, lesion_volumes_ml
-from .preprocessing import SliceGrid, prepare_volume
+from .postprocessing import LIVER, compose_label_map, largest_component, lesion_volumes_ml
+from .preprocessing import SliceGrid, liver_crop, prepare_volume
 from .qc import qc_warnings
 from .runtime import load_runtime_network
 
@@ -48,7 +48,10 @@ class SegmentationResult:
     timings_s: dict[str, float] = field(default_factory=dict)
     runtime: str = "torch"  # what ran the network: torch or onnxruntime
     precision: str = "fp32"  # "int8": ONNX Runtime ran the card's quantised graph (torch on CUDA: fp16 autocast)
-    probabilities: np.ndarray | None = None  # (Z, channels, n, n) float32 on the canonical model grid, when kept
+    probabilities: np.ndarray | None = None  # (Z, channels, n, n) float32 on the model grid of ``region``, when kept
+    # The part of the canonical (S, P, L) volume the kept probabilities cover: all of it for one stage,
+    # stage 2's crop for a cascade (None: stage 1 saw no liver, so stage 2 did not run).
+    region: Box | None = None
     qc_warnings: list[str] = field(default_factory=list)  # plausibility warnings (qc.py)
 
 
@@ -56,27 +59,49 @@ def voxel_volume_ml(image: sitk.Image) -> float:
     return float(np.prod(image.GetSpacing())) / 1000.0
 
 
+def whole_volume(shape: tuple[int, ...]) -> Box:
+    return tuple(slice(0, size) for size in shape)
+
+
 def label_map_in_box(
-    probabilities: np.ndarray, grid: SliceGrid, card: ModelCard, voxel_ml: float, lesions: bool = True, postprocess: bool = True
+    probabilities: np.ndarray, region: Box, card: ModelCard, voxel_ml: float, lesions: bool = True, postprocess: bool = True
 ) -> tuple[Box, np.ndarray]:
-    """(box, label map inside it) of the slice grid from the network's (Z, channels, n, n) probabilities,
-    with the card's thresholds (the lesion channel's own) and minimum lesion size: the one place a label
-    map is made, so the engine and the choice of lesion settings in training agree voxel for voxel.
+    """(box, label map inside it) of the canonical volume from the network's (Z, channels, n, n) probabilities
+    over ``region`` of it (the whole volume, or a cascade's stage-2 crop), with the card's thresholds (the
+    lesion channel's own) and minimum lesion size: the one place a label map is made, so the engine and the
+    choice of lesion settings in training agree voxel for voxel.
 
     Upsampling and clean-up run inside the box where some channel can reach its threshold (the liver's, a
     fraction of the CT): the label map is the same as on the whole grid (tested), since connectivity and
     hole filling need the organ and a rim or the edge of the volume only."""
-    box, masks = probabilities_to_box_masks(probabilities, grid, card.channel_thresholds())
+    depths, rows, cols = region
+    (box_depths, box_rows, box_cols), masks = probabilities_to_box_masks(
+        probabilities, SliceGrid(rows.stop - rows.start, cols.stop - cols.start), card.channel_thresholds())
     liver, lesion = masks[:, 0], (masks[:, 1] if lesions else None)
     label_map = compose_label_map(liver, lesion, keep_largest=postprocess, fill=postprocess, min_lesion_ml=card.min_lesion_ml, voxel_ml=voxel_ml)
+    box = tuple(slice(outer.start + inner.start, outer.start + inner.stop) for outer, inner in zip(region, (box_depths, box_rows, box_cols)))
     return box, label_map
+
+
+def stage2_crop(stage1_probabilities: np.ndarray, grid: SliceGrid, card: ModelCard, spacing_mm: tuple[float, float, float]) -> Box | None:
+    """The crop of the canonical volume that a cascade's stage 2 segments: the box of the slice grid that
+    stage 1's largest liver component can reach (a stray island elsewhere would only widen it), grown by
+    stage 2's margin (``preprocessing.liver_crop``). None when stage 1 finds no liver."""
+    liver = stage1_probabilities[:, card.channels.index("liver")]
+    found = liver >= card.threshold
+    if not found.any():
+        return None
+    kept = np.where(largest_component(found), liver, np.float32(0))[:, None]
+    box = mask_box(kept, grid, card.threshold)
+    return liver_crop(box, (len(liver), grid.rows, grid.cols), spacing_mm, card.stage_card(2).crop_margin_mm)
 
 
 class LiverSegmenter:
     """Holds a verified model on its device so that many volumes reuse one load.
 
-    ``card`` and ``network`` (a torch network) are given by training, to evaluate the network it holds.
-    ``precision`` "auto" runs the card's int8 graph on the CPU when it ships one, "fp32" the fp32 graph."""
+    ``card`` and ``network`` (a torch network; ``stage2_network`` for a cascade) are given by training, to
+    evaluate the networks it holds. ``precision`` "auto" runs the card's int8 graphs on the CPU when it
+    ships them, "fp32" the fp32 graphs."""
 
     def __init__(
         self,
@@ -86,16 +111,32 @@ class LiverSegmenter:
         network=None,
         runtime: str = "auto",
         precision: str = "auto",
+        stage2_network=None,
     ):
         self.device = choose_device_name(device)
         if network is None:
             card, network, self.runtime = load_runtime_network(card_path, self.device, runtime, precision)
+            if card.stages == 2:
+                stage2_network = load_runtime_network(card_path, self.device, self.runtime, precision, stage=2)[1]
         else:
             self.runtime = "torch"
         assert card is not None
         self.card = card
-        self.network = network.to(self.device).eval() if self.runtime == "torch" else network
-        self.precision = self.network.precision if self.runtime == "onnxruntime" else "fp32"
+        self.networks = [self._on_device(network)] + ([self._on_device(stage2_network)] if card.stages == 2 else [])
+        self.network = self.networks[0]
+        precisions = {each.precision if self.runtime == "onnxruntime" else "fp32" for each in self.networks}
+        self.precision = precisions.pop() if len(precisions) == 1 else "mixed"
+
+    def _on_device(self, network):
+        return network.to(self.device).eval() if self.runtime == "torch" else network
+
+    def _probabilities(self, stage: int, volume: np.ndarray, near_liver: bool, batch_size: int | None, progress: ProgressCallback | None):
+        """(probabilities, device used) of one stage's network over ``volume`` (Z, n, n)."""
+        network, card = self.networks[stage - 1], self.card.stage_card(stage)
+        if self.runtime == "onnxruntime":
+            run = predict_near_liver if near_liver else predict_in_batches  # see predict_near_liver
+            return run(network, volume, card, batch_size or CPU_BATCH, progress), "cpu"
+        return predict_probabilities(network, volume, card, self.device, batch_size=batch_size, progress=progress)
 
     def segment(
         self,
@@ -119,25 +160,30 @@ class LiverSegmenter:
         ct_canonical = transform.to_canonical(sitk.GetArrayViewFromImage(image))
         volume = prepare_volume(ct_canonical, self.card.window_hu, self.card.input_size)
         lap("preprocess")
-        if self.runtime == "onnxruntime":
-            near_liver_only = predict_near_liver if postprocess else predict_in_batches  # see predict_near_liver
-            probabilities = near_liver_only(self.network, volume, self.card, batch_size or CPU_BATCH, progress)
-            used_device = "cpu"
-        else:
-            probabilities, used_device = predict_probabilities(
-                self.network, volume, self.card, self.device, batch_size=batch_size, progress=progress
-            )
+        cascade = self.card.stages == 2
+        stage_progress = _halves(progress, first=True) if cascade and progress else progress
+        probabilities, used_device = self._probabilities(1, volume, postprocess, batch_size, stage_progress)
+        region: Box | None = whole_volume(ct_canonical.shape)
         lap("network")
+        if cascade:
+            region = stage2_crop(probabilities, SliceGrid(*ct_canonical.shape[1:]), self.card, transform.canonical_spacing_mm(image.GetSpacing()))
+            if region is not None:
+                stage2 = self.card.stage_card(2)
+                crop_volume = prepare_volume(ct_canonical[region], stage2.window_hu, stage2.input_size)
+                probabilities, used_device = self._probabilities(2, crop_volume, False, batch_size, _halves(progress, first=False) if progress else None)
+            lap("stage2")
         voxel_ml = voxel_volume_ml(image)
-        box, label_in_box = label_map_in_box(probabilities, SliceGrid(*ct_canonical.shape[1:]), self.card, voxel_ml, lesions, postprocess)
         label_canonical = np.zeros(ct_canonical.shape, np.uint8)
-        label_canonical[box] = label_in_box
+        label_in_box = label_canonical[:0]
+        if region is not None:
+            box, label_in_box = label_map_in_box(probabilities, region, self.card, voxel_ml, lesions, postprocess)
+            label_canonical[box] = label_in_box
         lap("postprocess")
         label_image = sitk.GetImageFromArray(np.ascontiguousarray(transform.from_canonical(label_canonical)))
         label_image.CopyInformation(image)
         lap("to_input_grid")
         lesion_volumes: list[float] = []
-        if lesions:
+        if lesions and label_in_box.size:
             lesion_volumes = lesion_volumes_ml(label_in_box, voxel_ml)
         lap("lesion_count")
         liver_ml = float(np.count_nonzero(label_in_box >= LIVER)) * voxel_ml
@@ -157,6 +203,13 @@ class LiverSegmenter:
             timings_s=timings,
             runtime=self.runtime,
             precision=self.precision,
-            probabilities=probabilities if keep_probabilities else None,
+            probabilities=probabilities if keep_probabilities and region is not None else None,
+            region=region,
             qc_warnings=qc_warnings(intensities.GetMinimum(), intensities.GetMaximum(), liver_ml, label_canonical),
         )
+
+
+def _halves(progress: ProgressCallback, first: bool) -> ProgressCallback:
+    """A stage's progress as one half of the cascade's: stage 1 fills the first half, stage 2 the second
+    (the count of stage-2 slices is known only once stage 1 has found the liver)."""
+    return lambda done, total: progress(done if first else total + done, 2 * total)

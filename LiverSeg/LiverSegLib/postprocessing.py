@@ -6,6 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .geometry import bounding_box
+
 LIVER, LESION = 1, 2
 
 
@@ -46,17 +48,6 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     in_slice = np.zeros((3, 3, 3), bool)
     in_slice[1] = ndimage.generate_binary_structure(2, 1)  # all slices at once, none connected to the next
     return _fill_enclosed(filled, *ndimage.label(~filled, structure=in_slice), (1, 2))
-
-
-def bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
-    """The smallest box holding every True voxel, grown by ``margin`` (empty mask: the whole array)."""
-    if not mask.any():
-        return tuple(slice(0, n) for n in mask.shape)
-    box = []
-    for axis in range(mask.ndim):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
 
 
 def drop_small_lesions(label_map: np.ndarray, min_lesion_ml: float, voxel_ml: float) -> None:

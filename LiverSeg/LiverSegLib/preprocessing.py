@@ -13,10 +13,13 @@ with torch's resizing, sees the same input; the CPU engine then runs without tor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from .geometry import Box, bounding_box, grow_box
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,25 @@ def prepare_volume(
         chunk = ct_canonical_hu[start : start + chunk_slices]
         volume[start : start + len(chunk)] = to_model_grid(window_hu(chunk, window), input_size)
     return volume
+
+
+CROP_MARGIN_SLICES = 3  # slices a cascade's stage 2 sees beyond the liver's first and last (training and inference)
+
+
+def liver_crop(liver_box: Box, shape: tuple[int, int, int], spacing_mm: tuple[float, float, float], margin_mm: float) -> Box:
+    """The part of a canonical (Z, rows, cols) volume that a cascade's stage 2 sees: the liver's box grown
+    by ``margin_mm`` in the slice plane (at least a voxel) and by ``CROP_MARGIN_SLICES`` along z, inside the
+    volume. Training takes ``liver_box`` from the label, inference from stage 1: the same crop either way.
+
+    The margin keeps what the liver's boundary is judged against (ribs, kidney, stomach) in view and absorbs
+    the difference between stage 1's box and the liver's."""
+    margins = (CROP_MARGIN_SLICES, *(max(1, math.ceil(margin_mm / spacing)) for spacing in spacing_mm[1:]))
+    return grow_box(liver_box, margins, shape)
+
+
+def label_crop(label_canonical: np.ndarray, spacing_mm: tuple[float, float, float], margin_mm: float) -> Box:
+    """``liver_crop`` around a label map's liver (0/1/2): the crop stage 2 trains and is calibrated on."""
+    return liver_crop(bounding_box(np.asarray(label_canonical) >= 1, margin=0), label_canonical.shape, spacing_mm, margin_mm)
 
 
 def prepare_label(label_canonical: np.ndarray, input_size: int) -> np.ndarray:

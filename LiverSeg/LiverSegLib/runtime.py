@@ -35,7 +35,7 @@ import numpy as np
 
 from .dependencies import GPU_INSTALL_HINT, importable
 from .errors import LiverSegInputError, ModelIntegrityError
-from .model import ModelCard, load_network, read_card, sha256_of, verify_int8_onnx, verify_model, verify_onnx, write_card
+from .model import ModelCard, load_network, read_card, sha256_of, stage_weights_path, verify_int8_onnx, verify_model, verify_onnx, write_card
 from .options import PRECISIONS, RUNTIMES
 
 log = logging.getLogger(__name__)
@@ -172,21 +172,26 @@ def graph_on_safetensors(graph_bytes: bytes, weights_path: Path) -> bytes:
     return model.SerializeToString()
 
 
-def export_onnx_graph(card_path: str | Path) -> ModelCard:
+def export_onnx_graph(card_path: str | Path, stage: int | None = None) -> ModelCard:
     """Write ``<weights stem>.onnx`` beside the card's verified weights (the graph, reading its weights from
-    the safetensors file) and record it in the card. Needs torch and onnx; runs once per model."""
+    the safetensors file) and record it in the card, for one stage of a cascade or (``None``) every stage.
+    Needs torch and onnx; runs once per model."""
     from .outputs import atomic_output
 
     missing = [module for module in ("torch", "segmentation_models_pytorch", "safetensors", "onnx") if not importable(module)]
     if missing:
         raise LiverSegInputError(f"exporting the ONNX graph needs {', '.join(missing)}: {GPU_INSTALL_HINT}")
     card_path = Path(card_path)
-    card, weights_path = verify_model(card_path)
-    graph = graph_on_safetensors(_exported_graph(load_network(card, weights_path), card, constant_folding=False), weights_path)
-    onnx_path = weights_path.with_suffix(".onnx")
-    with atomic_output(onnx_path, ".onnx") as temporary:
-        Path(temporary).write_bytes(graph)
-    card.onnx_file, card.onnx_sha256 = onnx_path.name, sha256_of(onnx_path)
+    card, _ = verify_model(card_path)
+    for each_stage in range(1, card.stages + 1) if stage is None else (stage,):
+        stage_card = card.stage_card(each_stage)
+        weights_path = stage_weights_path(stage_card, card_path)
+        graph = graph_on_safetensors(_exported_graph(load_network(stage_card, weights_path), stage_card, constant_folding=False), weights_path)
+        onnx_path = weights_path.with_suffix(".onnx")
+        with atomic_output(onnx_path, ".onnx") as temporary:
+            Path(temporary).write_bytes(graph)
+        stage_card.onnx_file, stage_card.onnx_sha256 = onnx_path.name, sha256_of(onnx_path)
+        card = card.with_stage(each_stage, stage_card)
     write_card(card, card_path)
     return read_card(card_path)
 
@@ -302,25 +307,32 @@ def _weights_computed_at_start(quantised, shipped, recipes):
     return helper.make_model(graph, opset_imports=quantised.opset_import, ir_version=quantised.ir_version)
 
 
-def calibration_batches(card: ModelCard, data_root: str | Path, stride: int = INT8_SLICE_STRIDE) -> tuple[list[np.ndarray], list[str]]:
-    """Network inputs for the int8 calibration, made as the engine makes them: every ``stride``-th slice of
-    each training case of the card (``data_root/cases/NAME/ct.nii.gz``), in batches of ``INT8_BATCH``."""
+def calibration_batches(card: ModelCard, data_root: str | Path, stage: int = 1, stride: int = INT8_SLICE_STRIDE) -> tuple[list[np.ndarray], list[str]]:
+    """Network inputs for the int8 calibration of one stage, made as the engine makes them: every
+    ``stride``-th slice of each training case of the card (``data_root/cases/NAME/ct.nii.gz``), whole slices
+    for stage 1, stage 2's crop around the case's labelled liver (``label.nii.gz``) for stage 2, in
+    batches of ``INT8_BATCH``."""
     import SimpleITK as sitk
 
     from .geometry import canonical_transform
     from .io import read_ct
-    from .preprocessing import prepare_volume, slice_stack
+    from .preprocessing import label_crop, prepare_volume, slice_stack
 
+    stage_card = card.stage_card(stage)
     names = [entry["case"] for entry in card.training.get("cases", [])]
     if not names:
         raise LiverSegInputError("the model card lists no training cases to calibrate the int8 graph on")
     batches = []
     for name in names:
         ct = read_ct(Path(data_root) / "cases" / name / "ct.nii.gz")
-        canonical = canonical_transform(ct.GetDirection()).to_canonical(sitk.GetArrayViewFromImage(ct))
-        volume = prepare_volume(canonical, card.window_hu, card.input_size)
+        transform = canonical_transform(ct.GetDirection())
+        canonical = transform.to_canonical(sitk.GetArrayViewFromImage(ct))
+        if stage_card.crop_margin_mm > 0:
+            label = transform.to_canonical(sitk.GetArrayFromImage(sitk.ReadImage(str(Path(data_root) / "cases" / name / "label.nii.gz"))))
+            canonical = canonical[label_crop(label, transform.canonical_spacing_mm(ct.GetSpacing()), stage_card.crop_margin_mm)]
+        volume = prepare_volume(canonical, stage_card.window_hu, stage_card.input_size)
         picked = np.arange(0, len(volume), stride)
-        batches += [np.ascontiguousarray(slice_stack(volume, picked[start : start + INT8_BATCH], card.context_slices), dtype=np.float32)
+        batches += [np.ascontiguousarray(slice_stack(volume, picked[start : start + INT8_BATCH], stage_card.context_slices), dtype=np.float32)
                     for start in range(0, len(picked), INT8_BATCH)]
     return batches, names
 
@@ -356,11 +368,12 @@ def int8_graph(graph_bytes: bytes, weights_path: Path, batches: list[np.ndarray]
     return _weights_computed_at_start(quantised, shipped, recipes).SerializeToString()
 
 
-def export_int8_graph(card_path: str | Path, data_root: str | Path) -> ModelCard:
-    """Write ``<weights stem>.int8.onnx`` beside the card's verified weights and fp32 graph: the network
-    quantised to int8, calibrated on the card's training cases under ``data_root`` (every
-    ``INT8_SLICE_STRIDE``-th slice), reading its weights from the safetensors file; record it, its
-    SHA-256 and the calibration in the card. Needs onnx; the same onnxruntime version writes the same file."""
+def export_int8_graph(card_path: str | Path, data_root: str | Path, stage: int | None = None) -> ModelCard:
+    """Write ``<weights stem>.int8.onnx`` beside the card's verified weights and fp32 graph, for one stage of
+    a cascade or (``None``) every stage: the network quantised to int8, calibrated on the card's training
+    cases under ``data_root`` (every ``INT8_SLICE_STRIDE``-th slice), reading its weights from the
+    safetensors file; record it, its SHA-256 and the calibration in the card. Needs onnx; the same
+    onnxruntime version writes the same file."""
     import onnxruntime
 
     from .outputs import atomic_output
@@ -368,23 +381,29 @@ def export_int8_graph(card_path: str | Path, data_root: str | Path) -> ModelCard
     if not importable("onnx"):
         raise LiverSegInputError(f"exporting the int8 graph needs onnx: {GPU_INSTALL_HINT}")
     card_path = Path(card_path)
-    card, weights_path = verify_model(card_path)
-    shipped = verify_onnx(card, card_path)
-    if shipped is None:
-        raise LiverSegInputError(f"{card_path} names no ONNX graph to quantise: run liverseg export-onnx first")
-    batches, names = calibration_batches(card, data_root)
-    graph = int8_graph(shipped.read_bytes(), weights_path, batches)
-    onnx_path = weights_path.with_suffix(".int8.onnx")
-    with atomic_output(onnx_path, ".onnx") as temporary:
-        Path(temporary).write_bytes(graph)
-    card.int8_onnx_file, card.int8_onnx_sha256 = onnx_path.name, sha256_of(onnx_path)
-    card.int8_calibration = {
-        "cases": names, "slice_stride": INT8_SLICE_STRIDE, "slices": int(sum(len(batch) for batch in batches)),
-        "activations": "uint8 per tensor, min/max calibration", "weights": "int8 per output channel, symmetric",
-        "onnxruntime": onnxruntime.__version__, "weights_sha256": card.weights_sha256,
-        "command": f"python -c \"from LiverSegLib.runtime import export_int8_graph; export_int8_graph('CARD', 'DATA')\" "
-                   "(DATA holds cases/NAME/ct.nii.gz)",
-    }
+    card, _ = verify_model(card_path)
+    for each_stage in range(1, card.stages + 1) if stage is None else (stage,):
+        stage_card = card.stage_card(each_stage)
+        weights_path = stage_weights_path(stage_card, card_path)
+        shipped = verify_onnx(stage_card, card_path)
+        if shipped is None:
+            raise LiverSegInputError(f"{card_path} names no ONNX graph of stage {each_stage} to quantise: run liverseg export-onnx first")
+        batches, names = calibration_batches(card, data_root, each_stage)
+        graph = int8_graph(shipped.read_bytes(), weights_path, batches)
+        onnx_path = weights_path.with_suffix(".int8.onnx")
+        with atomic_output(onnx_path, ".onnx") as temporary:
+            Path(temporary).write_bytes(graph)
+        stage_card.int8_onnx_file, stage_card.int8_onnx_sha256 = onnx_path.name, sha256_of(onnx_path)
+        stage_card.int8_calibration = {
+            "cases": names, "slice_stride": INT8_SLICE_STRIDE, "slices": int(sum(len(batch) for batch in batches)),
+            "activations": "uint8 per tensor, min/max calibration", "weights": "int8 per output channel, symmetric",
+            "onnxruntime": onnxruntime.__version__, "weights_sha256": stage_card.weights_sha256,
+            "command": f"python -c \"from LiverSegLib.runtime import export_int8_graph; export_int8_graph('CARD', 'DATA')\" "
+                       "(DATA holds cases/NAME/ct.nii.gz)",
+        }
+        if each_stage == 2:
+            stage_card.int8_calibration["crop"] = "each case's labelled liver, preprocessing.label_crop"
+        card = card.with_stage(each_stage, stage_card)
     write_card(card, card_path)
     return read_card(card_path)
 
@@ -397,7 +416,7 @@ def cached_onnx_is_intact(onnx_path: Path) -> bool:
 
 
 def load_runtime_network(
-    card_path: str | Path, device: str, runtime: str = "auto", precision: str = "auto"
+    card_path: str | Path, device: str, runtime: str = "auto", precision: str = "auto", stage: int = 1
 ) -> tuple[ModelCard, object, str]:
     """(card, network, runtime name) for ``device`` ("cpu", "cuda", "mps"): ONNX Runtime where it is the
     faster choice and can run, else torch.
@@ -406,12 +425,14 @@ def load_runtime_network(
     the cache; under ``auto`` the torch network runs if the export or the session fails (read-only cache,
     no `onnx`). ``precision`` "auto" runs the card's int8 graph in ONNX Runtime when it has one (2.5 times
     the fp32 speed on the CPU here, liver Dice within 0.001: benchmarks/README.md), "fp32" the fp32 graph.
+    ``stage`` 2: a cascade's stage-2 network, with its card (``ModelCard.stage_card``).
     """
     if runtime not in RUNTIMES:
         raise LiverSegInputError(f"unknown runtime '{runtime}', choose one of {', '.join(RUNTIMES)}")
     if precision not in PRECISIONS:
         raise LiverSegInputError(f"unknown precision '{precision}', choose one of {', '.join(PRECISIONS)}")
-    card, weights_path = verify_model(card_path)
+    card = verify_model(card_path)[0].stage_card(stage)
+    weights_path = stage_weights_path(card, card_path)
     if runtime == "onnxruntime":
         if device != "cpu":
             raise LiverSegInputError(f"--runtime onnxruntime runs on the CPU only; the device is {device}")
