@@ -1,0 +1,188 @@
+"""The two-stage cascade: stage 1 finds the liver on whole slices, stage 2 segments liver and lesions in the
+liver's box at full detail. Its crop geometry by hand, one card for both stages, training both on real
+cases, both runtimes and precisions, and the checks that refuse a tampered stage."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LiverSegLib.errors import ModelIntegrityError
+from LiverSegLib.geometry import bounding_box, canonical_transform
+from LiverSegLib.model import BUNDLED_CARD, ModelCard, read_card, write_card
+from LiverSegLib.pipeline import LiverSegmenter, stage2_crop
+from LiverSegLib.preprocessing import CROP_MARGIN_SLICES, SliceGrid, label_crop, liver_crop, prepare_volume
+from LiverSegLib.runtime import export_int8_graph
+from LiverSegTraining.cli import train_main
+
+from conftest import PROJECT_ROOT, read_case, tiny_config
+from test_plots import read_strict_json
+
+
+def test_liver_crop_by_hand():
+    """A liver box grown by 10 mm in plane (15 rows of 0.7 mm, 13 columns of 0.8 mm: the margin rounded up
+    to whole voxels) and by CROP_MARGIN_SLICES along z; at the volume's edges the crop stops there."""
+    assert CROP_MARGIN_SLICES == 3
+    box = (slice(10, 20), slice(100, 200), slice(50, 150))
+    assert liver_crop(box, (40, 512, 512), (1.6, 0.7, 0.8), 10.0) == (slice(7, 23), slice(85, 215), slice(37, 163))
+    at_edges = (slice(0, 2), slice(0, 10), slice(500, 512))
+    assert liver_crop(at_edges, (4, 512, 512), (1.6, 0.7, 0.8), 10.0) == (slice(0, 4), slice(0, 25), slice(487, 512))
+    assert liver_crop(box, (40, 512, 512), (1.6, 0.7, 0.8), 0.1)[1:] == (slice(99, 201), slice(49, 151))  # at least a voxel
+
+
+def test_canonical_spacing_follows_the_axes():
+    """Index j along S and k along P (a coronal acquisition): spacing (i, j, k) = (0.7, 2.5, 0.9) mm is
+    (2.5, 0.9, 0.7) mm along the canonical (S, P, L) axes; an axial one keeps (k, j, i)."""
+    coronal = canonical_transform((1, 0, 0, 0, 0, 1, 0, 1, 0))
+    assert coronal.canonical_spacing_mm((0.7, 2.5, 0.9)) == (2.5, 0.9, 0.7)
+    assert canonical_transform((1, 0, 0, 0, 1, 0, 0, 0, 1)).canonical_spacing_mm((0.7, 0.8, 2.5)) == (2.5, 0.8, 0.7)
+
+
+def test_stage_cards_round_trip_and_refuse_unknown_fields():
+    card = ModelCard(name="m", version="1.0.0", input_size=128, threshold=0.4)
+    stage2 = replace(card, input_size=256, crop_margin_mm=20.0, weights_file="liverseg.stage2.safetensors", weights_sha256="ab" * 32)
+    cascade = card.with_stage(2, stage2)
+    assert cascade.stages == 2 and card.stages == 1
+    again = cascade.stage_card(2)
+    assert (again.input_size, again.crop_margin_mm, again.weights_file, again.threshold) == (256, 20.0, "liverseg.stage2.safetensors", 0.4)
+    assert again.stages == 1 and cascade.stage_card(1) is cascade
+    assert ModelCard.from_dict(read_strict_json_text(cascade.to_json())).stage_card(2) == again  # through JSON (lists become tuples)
+    with pytest.raises(ModelIntegrityError, match="stage2 has unknown fields: lesion_threshold"):
+        ModelCard.from_dict({**read_strict_json_text(cascade.to_json()), "stage2": {**cascade.stage2, "lesion_threshold": 0.3}})
+    with pytest.raises(ModelIntegrityError, match="no stage 2"):
+        card.stage_card(2)
+
+
+def read_strict_json_text(text: str) -> dict:
+    import json
+
+    return json.loads(text)
+
+
+def test_stage2_crop_holds_every_expert_liver_voxel(data_root, segmenter):
+    """Stage 2's crop from the bundled network as stage 1 (its largest liver component's reachable box, a
+    20 mm margin) holds the whole expert liver of each expert case, so stage 2 can reach every liver voxel.
+    These are the bundled model's training patients: a check of the crop, not of accuracy."""
+    card = read_card(BUNDLED_CARD).with_stage(2, replace(read_card(BUNDLED_CARD), crop_margin_mm=20.0))
+    for name in ("ircad_01", "ircad_07", "ircad_17"):
+        ct, truth_image = read_case(data_root, name)
+        truth = sitk.GetArrayFromImage(truth_image)
+        transform = canonical_transform(ct.GetDirection())
+        canonical_ct, canonical_truth = transform.to_canonical(sitk.GetArrayViewFromImage(ct)), transform.to_canonical(truth)
+        probabilities = segmenter.segment(ct, keep_probabilities=True).probabilities
+        crop = stage2_crop(probabilities, SliceGrid(*canonical_ct.shape[1:]), card, transform.canonical_spacing_mm(ct.GetSpacing()))
+        liver_voxels = int((canonical_truth >= 1).sum())
+        assert int((canonical_truth[crop] >= 1).sum()) == liver_voxels, name
+        from_label = label_crop(canonical_truth, transform.canonical_spacing_mm(ct.GetSpacing()), 20.0)
+        assert all(abs(a.start - b.start) <= 12 and abs(a.stop - b.stop) <= 12 for a, b in zip(crop, from_label)), (name, crop, from_label)
+
+
+@pytest.fixture(scope="module")
+def cascade_model(data_root, tmp_path_factory) -> Path:
+    """A cascade trained by ``liverseg-train`` with the bundled recipe shrunk (stage 2: 64 px, 15 mm
+    margin), and a copy of the bundled model given that stage 2 (a stage 1 that finds the liver)."""
+    folder = tmp_path_factory.mktemp("cascade")
+    argv = [str(PROJECT_ROOT / "LiverSegTraining/configs/bundled.toml"), "--output", str(folder / "run")]
+    for override in tiny_config(folder, data_root, ["stage2.model={input_size=64, crop_margin_mm=15.0}"]):
+        argv += ["--set", override]
+    assert train_main(argv) == 0
+    return folder / "run" / "model" / "liverseg.json"
+
+
+def with_bundled_stage1(cascade_card_path: Path, folder: Path) -> Path:
+    """The bundled model's files and card, plus the stage 2 of ``cascade_card_path``: one folder, one card."""
+    folder.mkdir()
+    for path in BUNDLED_CARD.parent.iterdir():
+        shutil.copy(path, folder / path.name)
+    trained = read_card(cascade_card_path)
+    for name in (trained.stage2["weights_file"], trained.stage2["onnx_file"]):
+        shutil.copy(cascade_card_path.parent / name, folder / name)
+    write_card(read_card(BUNDLED_CARD).with_stage(2, trained.stage_card(2)), folder / "liverseg.json")
+    return folder / "liverseg.json"
+
+
+def test_training_a_cascade_exports_one_card_for_both_stages(cascade_model):
+    card = read_strict_json(cascade_model)
+    stage2 = card["stage2"]
+    assert card["crop_margin_mm"] == 0.0 and card["input_size"] == 64
+    assert stage2["crop_margin_mm"] == 15.0 and stage2["input_size"] == 64
+    assert stage2["weights_file"] == "liverseg.stage2.safetensors" and stage2["onnx_file"] == "liverseg.stage2.onnx"
+    assert len(stage2["weights_sha256"]) == 64 and stage2["weights_sha256"] != card["weights_sha256"]
+    assert card["training"]["stage2"]["epochs"] == 2 and card["training"]["stage2"]["crop_margin_mm"] == 15.0
+    assert (cascade_model.parent.parent / "final" / "stage2" / "history.json").is_file()
+    assert LiverSegmenter(cascade_model, device="cpu").runtime == "onnxruntime"
+
+
+def test_cascade_segments_inside_stage1_box_with_either_runtime(cascade_model, data_root, tmp_path):
+    """Stage 2 runs on its crop of stage 1's liver only, the label map is zero outside it and on the CT's
+    grid, ONNX Runtime and torch give the same stage-2 probabilities, and progress runs through both halves."""
+    card_path = with_bundled_stage1(cascade_model, tmp_path / "model")
+    ct, _ = read_case(data_root, "ircad_17")
+    steps: list[tuple[int, int]] = []
+    segmenter = LiverSegmenter(card_path, device="cpu", precision="fp32")
+    result = segmenter.segment(ct, keep_probabilities=True, progress=lambda done, total: steps.append((done, total)))
+    single = LiverSegmenter(BUNDLED_CARD, device="cpu", precision="fp32").segment(ct, keep_probabilities=True)
+    transform = canonical_transform(ct.GetDirection())
+    spacing_mm = transform.canonical_spacing_mm(ct.GetSpacing())
+    expected = stage2_crop(single.probabilities, SliceGrid(*transform.to_canonical(sitk.GetArrayViewFromImage(ct)).shape[1:]), segmenter.card, spacing_mm)
+    assert result.region == expected
+    depth = expected[0].stop - expected[0].start
+    assert result.probabilities.shape == (depth, 2, 64, 64)
+    assert result.label_image.GetSize() == ct.GetSize() and result.label_image.GetSpacing() == ct.GetSpacing()
+    label = transform.to_canonical(sitk.GetArrayViewFromImage(result.label_image))
+    outside = np.ones(label.shape, bool)
+    outside[expected] = False
+    assert not label[outside].any() and label[expected].any()
+    fractions = [done / total for done, total in steps]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and any(f == 0.5 for f in fractions)
+    with_torch = LiverSegmenter(card_path, device="cpu", runtime="torch").segment(ct, keep_probabilities=True)
+    assert with_torch.region == expected
+    assert np.abs(with_torch.probabilities - result.probabilities).max() < 1e-4
+    # The crop the network saw is the engine's preprocessing of that region (the same function as training's).
+    stage2 = segmenter.card.stage_card(2)
+    crop_volume = prepare_volume(transform.to_canonical(sitk.GetArrayViewFromImage(ct))[expected], stage2.window_hu, stage2.input_size)
+    assert crop_volume.shape == (depth, 64, 64)
+
+
+def test_int8_graph_per_stage_and_tampered_stage2_refused(cascade_model, data_root, tmp_path):
+    """export_int8_graph quantises stage 2 on crops of its training cases' labelled livers; with both int8
+    graphs the CPU runs int8 end to end. A changed byte in stage 2's weights stops every load."""
+    card_path = with_bundled_stage1(cascade_model, tmp_path / "model")
+    assert LiverSegmenter(card_path, device="cpu").precision == "mixed"  # stage 1 int8, stage 2 fp32 only
+    card = export_int8_graph(card_path, data_root, stage=2)
+    calibration = card.stage2["int8_calibration"]
+    assert card.stage2["int8_onnx_file"] == "liverseg.stage2.int8.onnx" and calibration["crop"].startswith("each case's labelled liver")
+    assert calibration["weights_sha256"] == card.stage2["weights_sha256"]
+    assert LiverSegmenter(card_path, device="cpu").precision == "int8"
+    weights = card_path.parent / "liverseg.stage2.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    for runtime in ("onnxruntime", "torch"):
+        with pytest.raises(ModelIntegrityError, match="stage-2 model weights liverseg.stage2.safetensors fails its SHA-256 check"):
+            LiverSegmenter(card_path, device="cpu", runtime=runtime)
+
+
+def test_stage2_training_crops_are_the_labelled_liver_box(data_root, tmp_path):
+    """Stage 2 trains on the crop ``label_crop`` takes around the labelled liver: every liver voxel inside,
+    CROP_MARGIN_SLICES beyond it along z."""
+    from LiverSegTraining.config import load_config
+    from LiverSegTraining.data import prepare_case
+    from LiverSegTraining.sources import discover
+
+    config = load_config(None, tiny_config(tmp_path, data_root, ["stage2.model={input_size=64, crop_margin_mm=15.0}"])).stage2_config()
+    (case,) = [c for c in discover("cases", data_root / "cases") if c.name == "totalseg_example_sm_MODEL"]
+    prepared = prepare_case(case, config.card(), tmp_path / "cache")
+    ct, label = case.load()
+    transform = canonical_transform(ct.GetDirection())
+    canonical_label = transform.to_canonical(label)
+    liver_slices = bounding_box(canonical_label >= 1, margin=0)[0]
+    crop = label_crop(canonical_label, transform.canonical_spacing_mm(ct.GetSpacing()), 15.0)
+    expected_depth = min(liver_slices.stop + CROP_MARGIN_SLICES, canonical_label.shape[0]) - max(liver_slices.start - CROP_MARGIN_SLICES, 0)
+    assert prepared.image.shape == (expected_depth, 64, 64) == (crop[0].stop - crop[0].start, 64, 64)
+    assert int(prepared.masks[:, 0].sum()) > 0
