@@ -94,6 +94,18 @@ def _forward(network, batch, device):
     return torch.sigmoid(network(batch))
 
 
+def torch_runner(network, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """A torch network as the numpy batch → logits function ``predict_in_batches`` runs (the CPU paths that
+    choose slices one batch at a time take either runtime this way)."""
+    import torch
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return network(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+
+    return run
+
+
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Overflow-free logistic function in float32."""
     return (0.5 * (1.0 + np.tanh(0.5 * logits))).astype(np.float32, copy=False)
