@@ -20,10 +20,11 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="output folder (default: the config's output_dir)")
     parser.add_argument("--crossval", action="store_true", help="leave-one-patient-out cross-validation, then train the final model on all expert cases")
     parser.add_argument("--folds", metavar="CASE[,CASE...]", help="with --crossval: hold out only these expert cases and train no final model (for comparing settings)")
+    parser.add_argument("--seeds", metavar="N[,N...]", help="with --crossval: cross-validate once per seed (output/seed_N) and report the spread between trainings; the final model trains with the first")
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their last checkpoints")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from .runner import crossvalidate, train_final, write_results
+    from .runner import crossvalidate_seeds, train_final, write_results
 
     try:
         config = load_config(args.config, args.overrides)
@@ -32,8 +33,12 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.folds and not args.crossval:
             raise LiverSegInputError("--folds needs --crossval")
         folds = args.folds.split(",") if args.folds else None
+        seeds = parse_seeds(args.seeds, config.seed)
+        if args.seeds and not args.crossval:
+            raise LiverSegInputError("--seeds needs --crossval")
+        config.seed = seeds[0]
         if args.crossval:
-            rows, summary = crossvalidate(config, output_dir, args.resume, folds)
+            rows, summary = crossvalidate_seeds(config, output_dir, seeds, args.resume, folds)
             evaluation = {"method": "leave-one-patient-out over expert-labelled volumes, full engine at full resolution", "per_case": rows, "summary": summary, "lesions_validated": summary["lesions_validated"]}
             write_results(rows, summary, output_dir / "RESULTS.md", "liverseg-train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
         if folds:
@@ -45,6 +50,19 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     print(f"model written: {card_path}")
     return 0
+
+
+def parse_seeds(text: str | None, default: int) -> list[int]:
+    """``--seeds 0,1,2`` as distinct integers in order (none given: the config's seed)."""
+    if not text:
+        return [default]
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise LiverSegInputError(f"--seeds takes comma-separated integers, not '{text}'") from None
+    if len(set(seeds)) != len(seeds):
+        raise LiverSegInputError(f"--seeds repeats a seed: {text}")
+    return seeds
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:

@@ -147,15 +147,33 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def read_toml(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's tables; ``extends = "OTHER.toml"`` (relative to the file) starts from that file's,
+    which this one's keys override table by table, so a recipe that differs from another in a few keys
+    says only those."""
+    path = Path(path)
+    if path.resolve() in seen:
+        raise LiverSegInputError(f"config file {path} extends itself through {' → '.join(p.name for p in seen)}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LiverSegInputError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise LiverSegInputError(f"config file {path} is not valid TOML: {error}") from None
+    base = raw.pop("extends", None)
+    return merged(read_toml(path.parent / base, (*seen, path.resolve())), raw) if base else raw
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys: tables merged key by key, any other value replaced."""
+    result = copy.deepcopy(base)
+    for key, value in override.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else copy.deepcopy(value)
+    return result
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise LiverSegInputError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise LiverSegInputError(f"config file {path} is not valid TOML: {error}") from None
+    raw: dict[str, Any] = read_toml(path) if path is not None else {}
     for override in overrides:
         keys, value = parse_override(override)
         target = raw

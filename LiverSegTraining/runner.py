@@ -274,7 +274,7 @@ def write_table(rows: list[dict], path_stem: Path) -> None:
 def format_table(rows: list[dict]) -> str:
     """Markdown table of the per-case figures; a figure not measured on a case (no lesion label: no lesion
     Dice, no recall) reads n/a, while false lesions are counted on every case."""
-    columns = TABLE_COLUMNS + tuple(c for c in LESION_COLUMNS if any(c in row for row in rows))
+    columns = (("seed",) if any("seed" in row for row in rows) else ()) + TABLE_COLUMNS + tuple(c for c in LESION_COLUMNS if any(c in row for row in rows))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -315,10 +315,69 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
             row.get("lesion_dice", "n/a"), row["lesion_detected_count"], row["lesion_true_count"], row["lesion_false_count"], row["lesion_false_ml"],
         )
     summary = summarise(rows)
-    lesion_dices = [float(r["lesion_dice"]) for r in rows if "lesion_dice" in r]
-    summary["lesions_validated"] = bool(lesion_dices) and min(lesion_dices) >= LESION_DICE_BAR
+    summary["lesions_validated"] = lesions_validated(rows)
     write_table(rows, output_dir / "crossval")
     return rows, summary
+
+
+def lesions_validated(rows: list[dict]) -> bool:
+    """The card's rule: cross-validated lesion Dice ≥ ``LESION_DICE_BAR`` on every case that labels lesions
+    (its mean over the seeds when several trainings were run)."""
+    per_case: dict[str, list[float]] = {}
+    for row in rows:
+        if "lesion_dice" in row and not math.isnan(float(row["lesion_dice"])):
+            per_case.setdefault(str(row["case"]), []).append(float(row["lesion_dice"]))
+    return bool(per_case) and min(float(np.mean(dices)) for dices in per_case.values()) >= LESION_DICE_BAR
+
+
+def crossvalidate_seeds(config: TrainConfig, output_dir: Path, seeds: list[int], resume: bool = False, folds: list[str] | None = None) -> tuple[list[dict], dict]:
+    """``crossvalidate`` once per seed (``output_dir/seed_N``), the same folds and settings each time: the
+    rows carry their seed, and the summary adds how far the per-seed means lie apart (``seed_spread``), the
+    training-to-training noise every comparison has to beat. One seed: ``crossvalidate`` as it is."""
+    if len(seeds) == 1:
+        return crossvalidate(replace(config, seed=seeds[0]), output_dir, resume, folds)
+    rows: list[dict] = []
+    for seed in seeds:
+        seed_rows, _ = crossvalidate(replace(config, seed=seed), output_dir / f"seed_{seed}", resume, folds)
+        rows += [{**row, "seed": seed} for row in seed_rows]
+    summary = {**summarise(rows), **seed_spread(rows), "seeds": list(seeds), "lesions_validated": lesions_validated(rows)}
+    write_table(rows, output_dir / "crossval")
+    return rows, summary
+
+
+def seed_spread(rows: list[dict]) -> dict[str, float]:
+    """For each figure of ``SUMMARY_KEYS``: the standard deviation (``seed_sd_mean_*``) and the range
+    (``seed_range_mean_*``) over the seeds of its mean over the cases."""
+    spread: dict[str, float] = {}
+    seeds = sorted({row["seed"] for row in rows})
+    for key in SUMMARY_KEYS:
+        means = []
+        for seed in seeds:
+            values = [float(r[key]) for r in rows if r["seed"] == seed and key in r and not math.isnan(float(r[key]))]
+            if values:
+                means.append(float(np.mean(values)))
+        if len(means) == len(seeds):
+            spread[f"seed_sd_mean_{key}"] = float(np.std(means, ddof=1))
+            spread[f"seed_range_mean_{key}"] = float(max(means) - min(means))
+    return spread
+
+
+SEED_TABLE_KEYS = ("liver_dice", "liver_assd_mm", "liver_volume_error_pct", "lesion_dice", "lesion_recall", "lesion_false_count")
+
+
+def format_seed_table(rows: list[dict]) -> str:
+    """Markdown table per case over the seeds: mean ± standard deviation (lowest–highest) of each figure."""
+    cases = list(dict.fromkeys(str(row["case"]) for row in rows))
+    lines = ["| case | seeds | " + " | ".join(SEED_TABLE_KEYS) + " |", "|" + "---|" * (len(SEED_TABLE_KEYS) + 2)]
+    for case in cases:
+        mine = [row for row in rows if str(row["case"]) == case]
+        cells = []
+        for key in SEED_TABLE_KEYS:
+            values = [float(r[key]) for r in mine if key in r and not math.isnan(float(r[key]))]
+            sd = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+            cells.append(f"{np.mean(values):.3f} ± {sd:.3f} ({min(values):.3f}–{max(values):.3f})" if values else "n/a")
+        lines.append(f"| {case} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def train_final(config: TrainConfig, output_dir: Path, evaluation: dict, resume: bool = False) -> Path:
@@ -342,6 +401,17 @@ def lesion_text(rows: list[dict]) -> str:
     return f"Lesion settings per fold (`lesion_threshold`, `min_lesion_ml`, `lesion_chosen_on`): {LESION_SELECTION_RULE}. The outer test patient is never an inner patient.\n\n"
 
 
+def seed_text(rows: list[dict]) -> str:
+    """The paragraph and table of RESULTS.md on the trainings with different seeds (empty for one seed)."""
+    if not any("seed" in row for row in rows):
+        return ""
+    seeds = sorted({row["seed"] for row in rows})
+    return (f"Every fold was trained {len(seeds)} times, with seeds {', '.join(map(str, seeds))} (the same patients, settings and "
+            "schedule; the seed draws the initial weights, the batches and the augmentation). Per case over the seeds, "
+            "mean ± standard deviation (lowest–highest): the training-to-training noise any comparison of settings has to "
+            f"beat. The lesion rule takes each case's mean over the seeds.\n\n{format_seed_table(rows)}\n\nEvery training:\n\n")
+
+
 def write_results(rows: list[dict], summary: dict, path: Path, command: str) -> None:
     status = "validated (cross-validated lesion Dice ≥ 0.5 on every lesion case)" if summary.get("lesions_validated") else "EXPERIMENTAL (cross-validated lesion Dice below 0.5)"
     text = f"""# LiverSeg cross-validation results
@@ -355,7 +425,7 @@ predicted lesion overlaps it by at least one voxel (`lesion_recall` = detected /
 lesions); a predicted lesion that overlaps no true lesion is a false lesion (`lesion_false_count`,
 `lesion_false_ml`), counted on every case, including livers labelled without lesions.
 
-{lesion_text(rows)}Command: `{command}`
+{lesion_text(rows)}{seed_text(rows)}Command: `{command}`
 
 {format_table(rows)}
 
@@ -366,4 +436,4 @@ Lesion output: {status}.
     path.write_text(text, encoding="utf-8")
 
 
-__all__ = ["choose_lesion_settings", "crossvalidate", "train_final", "evaluate_case", "load_cases", "write_results"]
+__all__ = ["choose_lesion_settings", "crossvalidate", "crossvalidate_seeds", "train_final", "evaluate_case", "load_cases", "write_results"]

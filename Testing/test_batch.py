@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from LiverSegLib.batch import (
     EXIT_ALL_DONE, EXIT_SOME_FAILED, SUMMARY_COLUMNS, BatchCase, BatchOptions, already_done, default_workers, find_cases,
-    read_summary, remove_partial_files,
+    remove_partial_files,
 )
 from LiverSegLib.case import CaseInput
 from LiverSegLib.errors import LiverSegInputError

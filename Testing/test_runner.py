@@ -3,6 +3,10 @@ the patient it did not train on, and ``--folds`` restricts the held-out cases.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from LiverSegTraining.cli import train_main
 from LiverSegTraining.config import load_config
 
@@ -151,3 +155,51 @@ def test_inner_selection_needs_two_training_patients_and_a_known_mode(data_root,
     config = load_config(None, tiny_config(tmp_path, data_root, ["split.weak_train=['dcmqi_ct3slice']"]))
     with pytest.raises(LiverSegInputError, match="two training patients"):
         choose_lesion_settings(config, load_cases(config), tmp_path / "inner", resume=False)
+
+
+def test_seed_spread_and_table_by_hand():
+    """Two seeds × two cases: per-seed mean liver Dice 0.90 and 0.80 → SD 0.0707…, range 0.10; the table
+    gives each case's mean ± SD (lowest–highest); the lesion rule takes each case's mean over the seeds."""
+    from LiverSegTraining.runner import format_seed_table, lesions_validated, seed_spread
+
+    nan = float("nan")
+    rows = [
+        {"case": "a", "seed": 0, "liver_dice": 0.95, "lesion_dice": 0.6},
+        {"case": "b", "seed": 0, "liver_dice": 0.85, "lesion_dice": nan},
+        {"case": "a", "seed": 1, "liver_dice": 0.85, "lesion_dice": 0.3},
+        {"case": "b", "seed": 1, "liver_dice": 0.75, "lesion_dice": nan},
+    ]
+    spread = seed_spread(rows)
+    assert spread["seed_sd_mean_liver_dice"] == pytest.approx(0.1 / 2**0.5)
+    assert spread["seed_range_mean_liver_dice"] == pytest.approx(0.1)
+    assert spread["seed_range_mean_lesion_dice"] == pytest.approx(0.3)
+    table = format_seed_table(rows)
+    assert "| a | 2 | 0.900 ± 0.071 (0.850–0.950) |" in table and "| b | 2 | 0.800 ± 0.071 (0.750–0.850) |" in table
+    assert not lesions_validated(rows)  # case a: mean lesion Dice 0.45
+    rows[2]["lesion_dice"] = 0.45
+    assert lesions_validated(rows)  # 0.525, although one training gave 0.45
+
+
+def test_crossval_over_seeds(data_root, tmp_path):
+    """--seeds 0,1 trains each fold twice into seed_N folders; rows carry their seed; RESULTS.md has the
+    per-case table over the seeds and the summary the spread between them."""
+    from LiverSegTraining.cli import train_main
+
+    _small_expert_cases(data_root, tmp_path / "cases")
+    argv = ["--crossval", "--folds", "small_a", "--seeds", "0,1", "--output", str(tmp_path / "cv")]
+    for override in tiny_config(tmp_path, data_root, [f"data=[{{layout = 'cases', path = '{tmp_path / 'cases'}'}}]", "split.weak_train=[]",
+                                                      "split.val=[]", "split.exclude=[]"]):
+        argv += ["--set", override]
+    config_path = str(Path(__file__).resolve().parent.parent / "LiverSegTraining" / "configs" / "bundled.toml")
+    assert train_main([config_path, *argv]) == 0
+    assert (tmp_path / "cv" / "seed_0" / "fold_small_a").is_dir() and (tmp_path / "cv" / "seed_1" / "fold_small_a").is_dir()
+    import csv
+
+    with open(tmp_path / "cv" / "crossval.csv", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(r["case"], r["seed"]) for r in rows] == [("small_a", "0"), ("small_a", "1")]
+    assert rows[0]["liver_dice"] != rows[1]["liver_dice"]  # two trainings, two results
+    results = (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
+    assert "trained 2 times, with seeds 0, 1" in results and "| small_a | 2 |" in results and "seed_sd_mean_liver_dice" in results
+    assert train_main([config_path, "--seeds", "0,0", "--crossval"]) == 2
+    assert train_main([config_path, "--seeds", "1"]) == 2  # --seeds needs --crossval

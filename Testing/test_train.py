@@ -129,3 +129,28 @@ def test_checkpoint_keeps_the_best_epoch_and_restore_continues_from_the_last(dat
     assert torch.equal(fresh.generator.get_state(), state.generator.get_state())
     for name, tensor in state.network.state_dict().items():
         assert torch.equal(tensor, fresh.network.state_dict()[name]), name
+
+
+def test_config_extends_another(tmp_path):
+    """``extends`` starts from another file's tables and overrides them key by key; the cascade recipe is the
+    bundled one plus its own keys; a file that extends itself is refused."""
+    from conftest import PROJECT_ROOT
+
+    from LiverSegLib.errors import LiverSegInputError
+
+    cascade = load_config(PROJECT_ROOT / "LiverSegTraining/configs/cascade.toml")
+    bundled = load_config(PROJECT_ROOT / "LiverSegTraining/configs/bundled.toml")
+    assert cascade.version == "0.3.0" and cascade.model == bundled.model and cascade.schedule == bundled.schedule
+    assert cascade.augment.noise_hu == (0.0, 25.0) and cascade.augment.scale == bundled.augment.scale  # one key changed, the rest kept
+    stage2 = cascade.stage2_config()
+    assert stage2.card().input_size == 224 and stage2.card().crop_margin_mm == 15.0 and stage2.card().encoder == "resnet18"
+    assert stage2.card().weights_file == "liverseg.stage2.safetensors" and stage2.output_dir == "runs/cascade/stage2"
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n', encoding="utf-8")
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n', encoding="utf-8")
+    with pytest.raises(LiverSegInputError, match="extends itself"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('extends = "bundled.toml"\n[stage2.model]\ninput_size = 224\n', encoding="utf-8")
+    shutil_copy = (PROJECT_ROOT / "LiverSegTraining/configs/bundled.toml").read_text(encoding="utf-8")
+    (tmp_path / "bundled.toml").write_text(shutil_copy, encoding="utf-8")
+    with pytest.raises(LiverSegInputError, match="crop_margin_mm must be above 0"):
+        load_config(tmp_path / "c.toml")

@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .case import CaseInput, segment_case
-from .errors import LiverSegInputError
+from .errors import LiverSegInputError, one_line
 from .io import IMAGE_SUFFIXES, list_dicom_series
 from .model import BUNDLED_CARD, read_card
 from .outputs import atomic_output
@@ -215,13 +215,6 @@ def remove_partial_files(options: BatchOptions, name: str) -> None:
             partial.unlink(missing_ok=True)
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    if isinstance(error, LiverSegInputError):
-        return text or type(error).__name__
-    return f"unexpected failure ({type(error).__name__}{': ' + text if text else ''})"
-
-
 def run_case(batch_case: BatchCase, options: BatchOptions) -> dict:
     """Segment one case on this worker and return its summary row; every error becomes a failed row, so a
     bad case never stops the cohort nor makes Dask retry it (only a worker's death does)."""
@@ -238,7 +231,7 @@ def run_case(batch_case: BatchCase, options: BatchOptions) -> dict:
         except Exception as error:  # noqa: BLE001 - recorded in the summary, the cohort goes on
             if os.environ.get("LIVERSEG_DEBUG"):
                 traceback.print_exc()
-            return {**row, "status": "failed", "error": _one_line(error), "seconds": round(time.perf_counter() - started, 2)}
+            return {**row, "status": "failed", "error": one_line(error), "seconds": round(time.perf_counter() - started, 2)}
     input_warnings = [str(w.message) for w in caught]
     return {
         **row,
@@ -388,7 +381,7 @@ def _finished_future(future, batch_case: BatchCase) -> dict:
         return _failed_row(batch_case, f"the worker died {ALLOWED_FAILURES + 1} times while segmenting this case "
                                        "(killed, or out of memory: fewer --workers leave each more memory)")
     except Exception as error:  # noqa: BLE001 - a task that could not even run (e.g. unpicklable input)
-        return _failed_row(batch_case, _one_line(error))
+        return _failed_row(batch_case, one_line(error))
 
 
 def run_batch(

@@ -25,7 +25,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .errors import LiverSegInputError
+from .errors import LiverSegInputError, one_line
 from .options import BATCH_FORMATS, DEVICES, PRECISIONS, RUNTIMES
 
 PRECISION_HELP = "CPU network: auto runs the model's int8 graph when it ships one (2.2-2.5 times the fp32 network's speed here, liver Dice within 0.0003 of fp32 on the expert cases: benchmarks/README.md), fp32 the full-precision graph"
@@ -251,7 +251,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
     card_path = Path(args.model or BUNDLED_CARD)
     card = export_onnx_graph(card_path)
-    print(f"{card_path.parent / card.onnx_file}: SHA-256 {card.onnx_sha256}, recorded in {card_path}")
+    for stage in range(1, card.stages + 1):
+        stage_card = card.stage_card(stage)
+        print(f"{card_path.parent / stage_card.onnx_file}: SHA-256 {stage_card.onnx_sha256}, recorded in {card_path}")
     return 0
 
 
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 - the user gets one line; LIVERSEG_DEBUG=1 shows the traceback
             if os.environ.get("LIVERSEG_DEBUG"):
                 raise
-            return _fail(f"error: unexpected failure ({type(error).__name__}: {error}); rerun with LIVERSEG_DEBUG=1 for details", 1, events)
+            return _fail(f"error: {one_line(error)}; rerun with LIVERSEG_DEBUG=1 for details", 1, events)
 
 
 if __name__ == "__main__":

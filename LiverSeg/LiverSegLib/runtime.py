@@ -398,7 +398,7 @@ def export_int8_graph(card_path: str | Path, data_root: str | Path, stage: int |
             "cases": names, "slice_stride": INT8_SLICE_STRIDE, "slices": int(sum(len(batch) for batch in batches)),
             "activations": "uint8 per tensor, min/max calibration", "weights": "int8 per output channel, symmetric",
             "onnxruntime": onnxruntime.__version__, "weights_sha256": stage_card.weights_sha256,
-            "command": f"python -c \"from LiverSegLib.runtime import export_int8_graph; export_int8_graph('CARD', 'DATA')\" "
+            "command": "python -c \"from LiverSegLib.runtime import export_int8_graph; export_int8_graph('CARD', 'DATA')\" "
                        "(DATA holds cases/NAME/ct.nii.gz)",
         }
         if each_stage == 2:
