@@ -126,6 +126,19 @@ def test_training_a_cascade_exports_one_card_for_both_stages(cascade_model):
     assert LiverSegmenter(cascade_model, device="cpu").runtime == "onnxruntime"
 
 
+def test_export_onnx_writes_every_stage(cascade_model, tmp_path, capsys):
+    """``liverseg export-onnx`` on a cascade writes both graphs again, the same bytes, and names each."""
+    from LiverSegLib.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(cascade_model.parent, folder)
+    before = {name: (folder / name).read_bytes() for name in ("liverseg.onnx", "liverseg.stage2.onnx")}
+    assert main(["export-onnx", "--model", str(folder / "liverseg.json")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed] == [str(folder / "liverseg.onnx"), str(folder / "liverseg.stage2.onnx")]
+    assert all((folder / name).read_bytes() == data for name, data in before.items())
+
+
 def test_cascade_segments_inside_stage1_box_with_either_runtime(cascade_model, data_root, tmp_path):
     """Stage 2 runs on its crop of stage 1's liver only, the label map is zero outside it and on the CT's
     grid, ONNX Runtime and torch give the same stage-2 probabilities, and progress runs through both halves."""

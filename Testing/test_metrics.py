@@ -74,12 +74,15 @@ def test_summary_reports_the_worst_case_of_each_figure():
     from LiverSegTraining.runner import summarise
 
     rows = [
-        {"liver_dice": 0.9, "liver_hd95_mm": 10.0, "liver_volume_error_pct": -8.0},
-        {"liver_dice": 0.8, "liver_hd95_mm": 30.0, "liver_volume_error_pct": 5.0},
+        {"label": "expert", "liver_dice": 0.9, "liver_hd95_mm": 10.0, "liver_volume_error_pct": -8.0},
+        {"label": "expert", "liver_dice": 0.8, "liver_hd95_mm": 30.0, "liver_volume_error_pct": 5.0},
+        # A validation case with a model-made label: agreement, not accuracy; only its false lesions are summed up.
+        {"label": "model", "liver_dice": 0.1, "liver_hd95_mm": 90.0, "liver_volume_error_pct": 50.0, "lesion_false_count": 3, "lesion_false_ml": 1.5},
     ]
     summary = summarise(rows)
     assert summary["worst_liver_dice"] == 0.8 and summary["worst_liver_hd95_mm"] == 30.0
     assert summary["worst_liver_volume_error_pct"] == -8.0 and summary["mean_liver_dice"] == pytest.approx(0.85)
+    assert summary["validation_false_lesions"] == 3.0 and summary["validation_false_lesion_ml"] == 1.5
 
 
 
@@ -89,9 +92,9 @@ def test_summary_and_table_carry_lesion_detection():
     from LiverSegTraining.runner import format_table, summarise
 
     rows = [
-        {"case": "a", "lesion_true_count": 4, "lesion_detected_count": 3, "lesion_recall": 0.75, "lesion_false_count": 1, "lesion_false_ml": 2.0},
-        {"case": "b", "lesion_true_count": 2, "lesion_detected_count": 1, "lesion_recall": 0.5, "lesion_false_count": 0, "lesion_false_ml": 0.0},
-        {"case": "c", "lesion_true_count": 0, "lesion_detected_count": 0, "lesion_recall": math.nan, "lesion_false_count": 6, "lesion_false_ml": 29.8},
+        {"case": "a", "label": "expert", "lesion_true_count": 4, "lesion_detected_count": 3, "lesion_recall": 0.75, "lesion_false_count": 1, "lesion_false_ml": 2.0},
+        {"case": "b", "label": "expert", "lesion_true_count": 2, "lesion_detected_count": 1, "lesion_recall": 0.5, "lesion_false_count": 0, "lesion_false_ml": 0.0},
+        {"case": "c", "label": "expert", "lesion_true_count": 0, "lesion_detected_count": 0, "lesion_recall": math.nan, "lesion_false_count": 6, "lesion_false_ml": 29.8},
     ]
     summary = summarise(rows)
     assert summary["worst_lesion_recall"] == 0.5 and summary["mean_lesion_recall"] == pytest.approx(0.625)

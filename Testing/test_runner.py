@@ -15,20 +15,27 @@ from test_plots import read_strict_json
 
 
 def test_cross_validation_by_patient(data_root, tmp_path):
-    """Leave-one-patient-out over two expert cases: each fold tests on the patient it did not train on."""
+    """Leave-one-patient-out over two expert cases: each fold tests on the patient it did not train on, and
+    also segments the validation case (model-made label, never trained on) to count its false lesions."""
     from LiverSegTraining.runner import crossvalidate
 
-    overrides = tiny_config(tmp_path, data_root, ["split.exclude=['ircad_07']", "split.weak_train=[]", "split.val=[]"])
+    overrides = tiny_config(tmp_path, data_root, ["split.exclude=['ircad_07']", "split.weak_train=[]"])
     config = load_config(None, overrides)
-    rows, summary = crossvalidate(config, tmp_path / "cv")
-    assert [r["case"] for r in rows] == ["ircad_01", "ircad_17"]
+    all_rows, summary = crossvalidate(config, tmp_path / "cv")
+    validation = [r for r in all_rows if r["label"] == "model"]
+    assert [(r["case"], r["fold"]) for r in validation] == [("totalseg_example_dicom_MODEL", "ircad_01"), ("totalseg_example_dicom_MODEL", "ircad_17")]
+    assert all("lesion_dice" not in r and r["lesion_false_count"] >= 0 for r in validation)
+    assert summary["validation_false_lesions"] == pytest.approx(sum(r["lesion_false_count"] for r in validation) / 2)
+    rows = [r for r in all_rows if r["label"] == "expert"]
+    assert summary["mean_liver_dice"] == pytest.approx(sum(r["liver_dice"] for r in rows) / 2)  # the expert rows only
+    assert [r["case"] for r in rows] == ["ircad_01", "ircad_17"] == [r["fold"] for r in rows]
     assert [r["trained_on"] for r in rows] == ["ircad_17", "ircad_01"]
     assert all(0.0 <= r["liver_dice"] <= 1.0 and "lesion_dice" in r for r in rows)
     # Per-lesion detection on every fold (ircad_01 has 7 tumours, ircad_17 has 2).
     assert [r["lesion_true_count"] for r in rows] == [7, 2]
     assert all(0 <= r["lesion_detected_count"] <= r["lesion_true_count"] and r["lesion_false_count"] >= 0 for r in rows)
-    assert (tmp_path / "cv" / "crossval.csv").read_text(encoding="utf-8").count("\n") == 3
-    assert [r["case"] for r in read_strict_json(tmp_path / "cv" / "crossval.json")] == ["ircad_01", "ircad_17"]
+    assert (tmp_path / "cv" / "crossval.csv").read_text(encoding="utf-8").count("\n") == 5
+    assert [r["case"] for r in read_strict_json(tmp_path / "cv" / "crossval.json")] == [r["case"] for r in all_rows]
     for case in ("ircad_01", "ircad_17"):  # the held-out case, segmented by the full engine
         assert (tmp_path / "cv" / f"fold_{case}" / f"panel_{case}.png").stat().st_size > 5000
     assert "lesions_validated" in summary
@@ -164,10 +171,11 @@ def test_seed_spread_and_table_by_hand():
 
     nan = float("nan")
     rows = [
-        {"case": "a", "seed": 0, "liver_dice": 0.95, "lesion_dice": 0.6},
-        {"case": "b", "seed": 0, "liver_dice": 0.85, "lesion_dice": nan},
-        {"case": "a", "seed": 1, "liver_dice": 0.85, "lesion_dice": 0.3},
-        {"case": "b", "seed": 1, "liver_dice": 0.75, "lesion_dice": nan},
+        {"case": "a", "label": "expert", "seed": 0, "liver_dice": 0.95, "lesion_dice": 0.6},
+        {"case": "b", "label": "expert", "seed": 0, "liver_dice": 0.85, "lesion_dice": nan},
+        {"case": "a", "label": "expert", "seed": 1, "liver_dice": 0.85, "lesion_dice": 0.3},
+        {"case": "b", "label": "expert", "seed": 1, "liver_dice": 0.75, "lesion_dice": nan},
+        {"case": "v", "label": "model", "seed": 1, "liver_dice": 0.10, "lesion_dice": 0.0},  # never in the spread or the rule
     ]
     spread = seed_spread(rows)
     assert spread["seed_sd_mean_liver_dice"] == pytest.approx(0.1 / 2**0.5)
@@ -175,6 +183,7 @@ def test_seed_spread_and_table_by_hand():
     assert spread["seed_range_mean_lesion_dice"] == pytest.approx(0.3)
     table = format_seed_table(rows)
     assert "| a | 2 | 0.900 ± 0.071 (0.850–0.950) |" in table and "| b | 2 | 0.800 ± 0.071 (0.750–0.850) |" in table
+    assert "| v | 1 | 0.100 ± nan (0.100–0.100) |" in table
     assert not lesions_validated(rows)  # case a: mean lesion Dice 0.45
     rows[2]["lesion_dice"] = 0.45
     assert lesions_validated(rows)  # 0.525, although one training gave 0.45
