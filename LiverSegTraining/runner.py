@@ -306,7 +306,7 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
         if unknown:
             raise LiverSegInputError(f"--folds names no expert test case: {', '.join(unknown)} (expert cases: {', '.join(c.name for c in experts)})")
         experts = [c for c in experts if c.name in folds]
-    rows = []
+    rows, stage1_rows = [], []
     for test in experts:
         fold_dir = output_dir / f"fold_{test.name}"
         train_cases, val_cases = split_cases(cases, config, test)
@@ -325,9 +325,15 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
         # fold's false lesions on another scanner (their liver figures are agreement with a model, not accuracy).
         for case in val_cases:
             rows.append({**evaluate_case(segmenter, case), "trained_on": row["trained_on"], "fold": test.name})
+        if result.stage2:  # what stage 2 adds: the same fold's stage 1 as a single-stage model, on the same patient
+            alone = LiverSegmenter(device=config.device, card=replace(segmenter.card, stage2={}), network=result.network)
+            stage1_rows.append({**evaluate_case(alone, test), "fold": test.name})
     summary = summarise(rows)
     summary["lesions_validated"] = lesions_validated(rows)
     write_table(rows, output_dir / "crossval")
+    if stage1_rows:
+        summary["stage1_alone"] = {"per_case": stage1_rows, "summary": summarise(stage1_rows)}
+        write_table(stage1_rows, output_dir / "crossval_stage1")
     return rows, summary
 
 
@@ -353,11 +359,16 @@ def crossvalidate_seeds(config: TrainConfig, output_dir: Path, seeds: list[int],
     if len(seeds) == 1:
         return crossvalidate(replace(config, seed=seeds[0]), output_dir, resume, folds)
     rows: list[dict] = []
+    stage1_rows: list[dict] = []
     for seed in seeds:
-        seed_rows, _ = crossvalidate(replace(config, seed=seed), output_dir / f"seed_{seed}", resume, folds)
+        seed_rows, seed_summary = crossvalidate(replace(config, seed=seed), output_dir / f"seed_{seed}", resume, folds)
         rows += [{**row, "seed": seed} for row in seed_rows]
+        stage1_rows += [{**row, "seed": seed} for row in seed_summary.get("stage1_alone", {}).get("per_case", [])]
     summary = {**summarise(rows), **seed_spread(rows), "seeds": list(seeds), "lesions_validated": lesions_validated(rows)}
     write_table(rows, output_dir / "crossval")
+    if stage1_rows:
+        summary["stage1_alone"] = {"per_case": stage1_rows, "summary": {**summarise(stage1_rows), **seed_spread(stage1_rows)}}
+        write_table(stage1_rows, output_dir / "crossval_stage1")
     return rows, summary
 
 
@@ -429,6 +440,21 @@ def seed_text(rows: list[dict]) -> str:
             f"beat. The lesion rule takes each case's mean over the seeds.\n\n{format_seed_table(rows)}\n\nEvery training:\n\n")
 
 
+def stage1_text(summary: dict) -> str:
+    """The section of RESULTS.md on a cascade's stage 1 alone (empty for a single-stage model)."""
+    if "stage1_alone" not in summary:
+        return ""
+    alone = summary["stage1_alone"]
+    return f"""
+Stage 1 alone: each fold's first network run as a single-stage model on the same held-out patient (what stage 2
+adds is the difference; the cascade's rows above):
+
+{format_table(alone["per_case"])}
+
+Summary: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in alone["summary"].items()})}
+"""
+
+
 def write_results(rows: list[dict], summary: dict, path: Path, command: str) -> None:
     status = "validated (cross-validated lesion Dice ≥ 0.5 on every lesion case)" if summary.get("lesions_validated") else "EXPERIMENTAL (cross-validated lesion Dice below 0.5)"
     text = f"""# LiverSeg cross-validation results
@@ -451,8 +477,8 @@ validation cases' mean false lesions are given apart.
 
 {format_table(rows)}
 
-Summary: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})}
-
+Summary: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if k != "stage1_alone"})}
+{stage1_text(summary)}
 Lesion output: {status}.
 """
     path.write_text(text, encoding="utf-8")

@@ -205,3 +205,22 @@ def test_stage2_training_crops_are_the_labelled_liver_box(data_root, tmp_path):
     expected_depth = min(liver_slices.stop + CROP_MARGIN_SLICES, canonical_label.shape[0]) - max(liver_slices.start - CROP_MARGIN_SLICES, 0)
     assert prepared.image.shape == (expected_depth, 64, 64) == (crop[0].stop - crop[0].start, 64, 64)
     assert int(prepared.masks[:, 0].sum()) > 0
+
+
+def test_cascade_cross_validation_reports_stage1_alone(data_root, tmp_path):
+    """Cross-validating a cascade trains both stages per fold, evaluates the cascade and, on the same patient,
+    the fold's stage 1 alone; RESULTS.md and crossval_stage1.csv give that comparison."""
+    from LiverSegTraining.config import load_config
+    from LiverSegTraining.runner import crossvalidate, write_results
+    from test_runner import _small_expert_cases
+
+    _small_expert_cases(data_root, tmp_path / "cases")
+    overrides = tiny_config(tmp_path, data_root, [f"data=[{{layout = 'cases', path = '{tmp_path / 'cases'}'}}]", "split.weak_train=[]",
+                                                  "split.val=[]", "split.exclude=[]", "stage2.model={input_size=64, crop_margin_mm=15.0}"])
+    rows, summary = crossvalidate(load_config(None, overrides), tmp_path / "cv", folds=["small_b"])
+    assert [r["case"] for r in rows] == ["small_b"] and (tmp_path / "cv" / "fold_small_b" / "stage2" / "best.pt").is_file()
+    alone = summary["stage1_alone"]["per_case"]
+    assert [(r["case"], r["fold"]) for r in alone] == [("small_b", "small_b")]
+    assert (tmp_path / "cv" / "crossval_stage1.csv").is_file()
+    write_results(rows, summary, tmp_path / "cv" / "RESULTS.md", "test")
+    assert "Stage 1 alone: each fold's first network" in (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
