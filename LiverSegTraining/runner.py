@@ -48,7 +48,7 @@ SUMMARY_KEYS = (
 )
 HIGHER_IS_BETTER = ("_dice", "_iou", "_recall")  # the worst case of these is the lowest; of the others the largest in size
 TABLE_COLUMNS = (
-    "case", "label", "fold", "liver_dice", "liver_iou", "liver_accuracy", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct",
+    "case", "label", "liver_dice", "liver_iou", "liver_accuracy", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct",
     "lesion_dice", "lesion_iou", "lesion_assd_mm", "lesion_hd95_mm", "lesion_volume_error_pct",
     "lesion_true_count", "lesion_detected_count", "lesion_recall", "lesion_false_count", "lesion_false_ml",
 )
@@ -281,7 +281,7 @@ def write_table(rows: list[dict], path_stem: Path) -> None:
 def format_table(rows: list[dict]) -> str:
     """Markdown table of the per-case figures; a figure not measured on a case (no lesion label: no lesion
     Dice, no recall) reads n/a, while false lesions are counted on every case."""
-    columns = (("seed",) if any("seed" in row for row in rows) else ()) + TABLE_COLUMNS + tuple(c for c in LESION_COLUMNS if any(c in row for row in rows))
+    columns = tuple(c for c in ("seed", "fold") if any(c in row for row in rows)) + TABLE_COLUMNS + tuple(c for c in LESION_COLUMNS if any(c in row for row in rows))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []

@@ -1,6 +1,6 @@
 """The time a two-stage cascade adds on the CPU: the whole command, single-stage against cascades, same run.
 
-    python benchmarks/cascade_budget.py [--stage2 resnet18:256 resnet18:192 ...] [--margin-mm 20]
+    python benchmarks/cascade_budget.py [--stage2 resnet18:256 resnet18:192 ...] [--margin-mm 20] [--card LABEL=CARD.json ...]
                                         [--cts ircad_01 ircad_17] [--repeats 5] [--work /tmp/liverseg-cascade-budget]
 
 Each cascade is the bundled network as stage 1 plus a stage 2 of the named encoder and input size (the
@@ -8,7 +8,8 @@ bundled decoder) on stage 1's liver box grown by ``--margin-mm``. Stage 2's weig
 its time does not depend on them, only on its shape and on the slices and box stage 1 gives it, which are
 the bundled network's. Its fp32 graph and int8 graph are made by the engine's own exporters
 (``runtime.export_onnx_graph`` / ``export_int8_graph``, calibrated on the crops of the bundled card's
-training cases), so the CPU runs the cascade as it would run a trained one.
+training cases), so the CPU runs the cascade as it would run a trained one. ``--card LABEL=CARD.json`` times a
+model of one's own beside them (a trained cascade: then post-processing is what a trained stage 2 makes it).
 
 Times ``liverseg segment CT -o OUT --device cpu --model CARD --report R.json`` in fresh processes, the
 configurations in turn, one untimed round first; prints the median wall time, the medians of the report's
@@ -79,6 +80,8 @@ def crop_figures(card_path: Path, ct_path: Path) -> str:
 
     ct = sitk.ReadImage(str(ct_path))
     segmenter = LiverSegmenter(card_path, device="cpu")
+    if segmenter.card.stages == 1:
+        return "whole slices"
     region = segmenter.segment(ct).region
     if region is None:
         return "no liver"
@@ -90,8 +93,9 @@ def crop_figures(card_path: Path, ct_path: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage2", nargs="+", default=["resnet18:256", "resnet18:192"])
+    parser.add_argument("--stage2", nargs="*", default=["resnet18:256", "resnet18:192"])
     parser.add_argument("--margin-mm", type=float, default=20.0)
+    parser.add_argument("--card", action="append", default=[], metavar="LABEL=CARD.json", help="also time this model card")
     parser.add_argument("--cts", nargs="+", default=["ircad_01"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", type=Path, default=Path("/tmp/liverseg-cascade-budget"))
@@ -103,6 +107,9 @@ def main() -> int:
     configs: dict[str, Path | None] = {"single stage (bundled)": None}
     for spec in args.stage2:
         configs[f"cascade, stage 2 {spec}"] = cascade_card(spec, args.margin_mm, args.work / f"model-{spec.replace(':', '-')}-{args.margin_mm:g}mm", data_root)
+    for entry in args.card:
+        label, _, path = entry.partition("=")
+        configs[label] = Path(path)
     print(f"{machine()}; {time.strftime('%Y-%m-%d')}; stage-2 margin {args.margin_mm:g} mm; median of {args.repeats}")
     for name in args.cts:
         ct = data_root / "cases" / name / "ct.nii.gz"
