@@ -247,6 +247,11 @@ def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], ou
     return card_path
 
 
+def measured(rows: list[dict], key: str) -> list[float]:
+    """The values of ``key`` in the rows that measured it (absent or NaN: not measured on that case)."""
+    return [float(r[key]) for r in rows if key in r and not math.isnan(float(r[key]))]
+
+
 def summarise(rows: list[dict]) -> dict[str, float]:
     """Mean and worst case of each figure over the held-out expert patients: lowest overlap or lesion recall;
     largest distance, absolute volume error, false-lesion count or volume. Unmeasured figures (NaN: no lesion
@@ -259,7 +264,7 @@ def summarise(rows: list[dict]) -> dict[str, float]:
         summary["validation_false_lesion_ml"] = float(np.mean([float(row["lesion_false_ml"]) for row in weak]))
     rows = expert_rows(rows)
     for key in SUMMARY_KEYS:
-        values = [float(r[key]) for r in rows if key in r and not math.isnan(float(r[key]))]
+        values = measured(rows, key)
         if values:
             summary[f"mean_{key}"] = float(np.mean(values))
             if key.endswith(HIGHER_IS_BETTER):
@@ -381,7 +386,7 @@ def seed_spread(rows: list[dict]) -> dict[str, float]:
     for key in SUMMARY_KEYS:
         means = []
         for seed in seeds:
-            values = [float(r[key]) for r in rows if r["seed"] == seed and key in r and not math.isnan(float(r[key]))]
+            values = measured([r for r in rows if r["seed"] == seed], key)
             if values:
                 means.append(float(np.mean(values)))
         if len(means) == len(seeds):
@@ -401,7 +406,7 @@ def format_seed_table(rows: list[dict]) -> str:
         mine = [row for row in rows if str(row["case"]) == case]
         cells = []
         for key in SEED_TABLE_KEYS:
-            values = [float(r[key]) for r in mine if key in r and not math.isnan(float(r[key]))]
+            values = measured(mine, key)
             sd = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
             cells.append(f"{np.mean(values):.3f} ± {sd:.3f} ({min(values):.3f}–{max(values):.3f})" if values else "n/a")
         lines.append(f"| {case} | {len(mine)} | " + " | ".join(cells) + " |")

@@ -67,11 +67,11 @@ def network_throughput(ct: str, device_name: str, runtime: str, precision: str, 
     from LiverSegLib.io import read_ct
     from LiverSegLib.model import BUNDLED_CARD
     from LiverSegLib.preprocessing import prepare_volume
-    from LiverSegLib.runtime import load_runtime_network
+    from LiverSegLib.runtime import load_runtime_networks
 
     image = read_ct(ct)
     device = choose_device_name(device_name)
-    card, network, used_runtime = load_runtime_network(BUNDLED_CARD, device, runtime, precision)
+    card, (network, *_), used_runtime = load_runtime_networks(BUNDLED_CARD, device, runtime, precision)
     canonical = canonical_transform(image.GetDirection()).to_canonical(sitk.GetArrayViewFromImage(image))
     volume = prepare_volume(canonical, card.window_hu, card.input_size)
 

@@ -144,6 +144,13 @@ def predict_in_batches(
 PROBE_STRIDE = 4  # every 4th slice first: about 6 mm apart on a 1.5 mm CT, far less than a liver's height
 
 
+def probe_slices(depth: int) -> np.ndarray | None:
+    """Every ``PROBE_STRIDE``-th slice and the last, which the passes that choose slices run first; None for
+    a scan so short that the probes would be half of it or more (it is run whole)."""
+    probes = np.unique(np.append(np.arange(0, depth, PROBE_STRIDE), depth - 1))
+    return None if len(probes) * 2 >= depth else probes
+
+
 def predict_near_liver(
     run_batch: Callable[[np.ndarray], np.ndarray],
     volume: np.ndarray,
@@ -163,8 +170,8 @@ def predict_near_liver(
     chest–abdomen CT has liver on a third to a half of its slices.
     """
     depth = volume.shape[0]
-    probes = np.unique(np.append(np.arange(0, depth, PROBE_STRIDE), depth - 1))
-    if len(probes) * 2 >= depth:
+    probes = probe_slices(depth)
+    if probes is None:
         return predict_in_batches(run_batch, volume, card, batch_size, progress)
     liver_channel = card.channels.index("liver")
     output = predict_in_batches(run_batch, volume, card, batch_size, None, slices=probes)

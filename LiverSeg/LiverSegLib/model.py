@@ -173,8 +173,9 @@ def verify_model(card_path: str | Path = BUNDLED_CARD) -> tuple[ModelCard, Path]
     card_path = Path(card_path)
     card = read_card(card_path)
     for stage in range(card.stages, 0, -1):
-        weights_path = stage_weights_path(card.stage_card(stage), card_path)
-        _check_file(weights_path, card.stage_card(stage).weights_sha256, "model weights" if stage == 1 else "stage-2 model weights")
+        stage_card = card.stage_card(stage)
+        weights_path = stage_weights_path(stage_card, card_path)
+        _check_file(weights_path, stage_card.weights_sha256, "model weights" if stage == 1 else "stage-2 model weights")
     return card, weights_path
 
 

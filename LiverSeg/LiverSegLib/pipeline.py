@@ -22,13 +22,14 @@ from .inference import (
     predict_near_liver,
     predict_probabilities,
     probabilities_to_box_masks,
+    probe_slices,
     torch_runner,
 )
 from .model import BUNDLED_CARD, ModelCard
 from .postprocessing import LIVER, compose_label_map, largest_component, lesion_volumes_ml
 from .preprocessing import SliceGrid, liver_crop, prepare_volume
 from .qc import qc_warnings
-from .runtime import load_runtime_network
+from .runtime import load_runtime_networks
 
 CPU_BATCH = 16
 
@@ -114,8 +115,8 @@ def stage1_liver_extent(
     largest liver component's ends and the probes beyond tell. About a third of a CT's slices instead of
     the half to two thirds ``predict_near_liver`` runs; a short scan is run whole."""
     depth = volume.shape[0]
-    probes = np.unique(np.append(np.arange(0, depth, PROBE_STRIDE), depth - 1))
-    if len(probes) * 2 >= depth:
+    probes = probe_slices(depth)
+    if probes is None:
         return predict_in_batches(run_batch, volume, card, batch_size, progress), np.arange(depth)
     output = predict_in_batches(run_batch, volume, card, batch_size, None, slices=probes)
     found = output[probes, card.channels.index("liver")] >= card.threshold
@@ -150,9 +151,8 @@ class LiverSegmenter:
     ):
         self.device = choose_device_name(device)
         if network is None:
-            card, network, self.runtime = load_runtime_network(card_path, self.device, runtime, precision)
-            if card.stages == 2:
-                stage2_network = load_runtime_network(card_path, self.device, self.runtime, precision, stage=2)[1]
+            card, (network, *stage2), self.runtime = load_runtime_networks(card_path, self.device, runtime, precision)
+            stage2_network = stage2[0] if stage2 else None
         else:
             self.runtime = "torch"
         assert card is not None

@@ -415,23 +415,32 @@ def cached_onnx_is_intact(onnx_path: Path) -> bool:
     return recorded.read_text(encoding="utf-8").strip() == sha256_of(onnx_path)
 
 
-def load_runtime_network(
-    card_path: str | Path, device: str, runtime: str = "auto", precision: str = "auto", stage: int = 1
-) -> tuple[ModelCard, object, str]:
-    """(card, network, runtime name) for ``device`` ("cpu", "cuda", "mps"): ONNX Runtime where it is the
-    faster choice and can run, else torch.
+def load_runtime_networks(
+    card_path: str | Path, device: str, runtime: str = "auto", precision: str = "auto"
+) -> tuple[ModelCard, list, str]:
+    """(card, a network per stage, runtime name) for ``device`` ("cpu", "cuda", "mps"): ONNX Runtime where it
+    is the faster choice and can run, else torch. Every stage's weights are verified once (``verify_model``);
+    a cascade's stage 2 runs in the runtime stage 1 got.
 
     ONNX Runtime runs the card's own graph when it has one (no torch at all), else a graph exported into
     the cache; under ``auto`` the torch network runs if the export or the session fails (read-only cache,
     no `onnx`). ``precision`` "auto" runs the card's int8 graph in ONNX Runtime when it has one (2.5 times
     the fp32 speed on the CPU here, liver Dice within 0.001: benchmarks/README.md), "fp32" the fp32 graph.
-    ``stage`` 2: a cascade's stage-2 network, with its card (``ModelCard.stage_card``).
     """
     if runtime not in RUNTIMES:
         raise LiverSegInputError(f"unknown runtime '{runtime}', choose one of {', '.join(RUNTIMES)}")
     if precision not in PRECISIONS:
         raise LiverSegInputError(f"unknown precision '{precision}', choose one of {', '.join(PRECISIONS)}")
-    card = verify_model(card_path)[0].stage_card(stage)
+    card, _ = verify_model(card_path)
+    networks = []
+    for stage in range(1, card.stages + 1):
+        network, runtime = _stage_network(card.stage_card(stage), card_path, device, runtime, precision)
+        networks.append(network)
+    return card, networks, runtime
+
+
+def _stage_network(card: ModelCard, card_path: str | Path, device: str, runtime: str, precision: str) -> tuple[object, str]:
+    """(network, runtime name) of one stage's (verified) card: ``load_runtime_networks``' choice."""
     weights_path = stage_weights_path(card, card_path)
     if runtime == "onnxruntime":
         if device != "cpu":
@@ -440,15 +449,15 @@ def load_runtime_network(
             raise LiverSegInputError("--runtime onnxruntime was asked for but onnxruntime is not installed (pip install onnxruntime)")
     elif not (runtime == "auto" and device == "cpu" and onnxruntime_available()):
         why = "--runtime torch" if runtime == "torch" else (f"the {device} device" if device != "cpu" else "running without onnxruntime")
-        return card, _torch_network(card, weights_path, why), "torch"
+        return _torch_network(card, weights_path, why), "torch"
     if card.onnx_file or card.int8_onnx_file:
         _safetensors_layout(weights_path)  # the graphs read their weights from there: refuse a cut file clearly
     quantised = verify_int8_onnx(card, card_path) if precision == "auto" else None
     if quantised is not None:
-        return card, OnnxRuntimeNetwork(quantised, "int8"), "onnxruntime"
+        return OnnxRuntimeNetwork(quantised, "int8"), "onnxruntime"
     shipped = verify_onnx(card, card_path)
     if shipped is not None:
-        return card, OnnxRuntimeNetwork(shipped), "onnxruntime"
+        return OnnxRuntimeNetwork(shipped), "onnxruntime"
     onnx_path = onnx_cache_path(card)
     network = None
     try:
@@ -458,14 +467,14 @@ def load_runtime_network(
             network = _torch_network(card, weights_path, "a model without an ONNX graph (exported once)")  # unloadable weights fail here
             log.info("preparing the model for ONNX Runtime (first run of this model only): %s", onnx_path)
             export_onnx(network, card, onnx_path)
-        return card, OnnxRuntimeNetwork(onnx_path), "onnxruntime"
+        return OnnxRuntimeNetwork(onnx_path), "onnxruntime"
     except (OSError, ImportError, RuntimeError) as error:  # read-only cache, no `onnx` to export with
         if runtime == "onnxruntime" and isinstance(error, OSError):
             raise LiverSegInputError(f"cannot write the ONNX model cache under {cache_dir()} ({error.strerror or error}); set LIVERSEG_CACHE to a writable folder") from None
         if runtime == "onnxruntime":
             raise
         log.warning("ONNX Runtime unavailable (%s): running the network with torch", str(error).splitlines()[0])
-    return card, network if network is not None else _torch_network(card, weights_path, "a model without an ONNX graph"), "torch"
+    return network if network is not None else _torch_network(card, weights_path, "a model without an ONNX graph"), "torch"
 
 
 def _torch_network(card: ModelCard, weights_path: Path, why: str):
@@ -474,5 +483,5 @@ def _torch_network(card: ModelCard, weights_path: Path, why: str):
     return load_network(card, weights_path)
 
 
-__all__ = ["OnnxRuntimeNetwork", "cache_dir", "export_int8_graph", "export_onnx_graph", "load_runtime_network", "onnx_cache_path",
+__all__ = ["OnnxRuntimeNetwork", "cache_dir", "export_int8_graph", "export_onnx_graph", "load_runtime_networks", "onnx_cache_path",
            "onnxruntime_available"]
