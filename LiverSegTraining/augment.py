@@ -7,8 +7,9 @@ of the 2.5D stack (a craniocaudal flip) is harmless and on.
 
 Other scanners differ in noise, calibration and contrast, field of view and slice thickness. Contrast,
 brightness, gamma and a fixed noise level have always been on; a per-sample noise level in HU, a circular
-field of view that cuts the liver at the image edge, and slice thickness (``thick_slab``, applied by
-``data.SliceSampler`` where the whole volume is at hand) are off by default, so that a config that does
+field of view that cuts the liver at the image edge, slice thickness (``thick_slab``) and a scan that ends
+at the sample's slice (``as_scan_edge``; these two applied by ``data.SliceSampler`` where the whole volume
+is at hand) are off by default, so that a config that does
 not enable them trains bit for bit as before: they draw no random numbers when off.
 """
 
@@ -63,6 +64,13 @@ class AugmentConfig:
     # thinner than the native slices (nothing finer can be made up); only the neighbours come closer.
     thickness_probability: float = 0.0
     thickness_mm: tuple[float, float] = (1.0, 5.0)
+    # Scan edge (data.SliceSampler): with edge_probability, the sample is the first or last slice of a scan
+    # that ends there: its 2.5D neighbours on one side (drawn at random) repeat the slice itself, as
+    # ``slice_stack`` makes them at a scan's first and last slice. A scan that ends inside the liver shows
+    # this stack on liver slices; training shows it otherwise only on slices without liver (a cascade's
+    # stage 2, trained on crops a few slices beyond the labelled liver, never), so the network would meet
+    # it first on a patient. With it, a liver cut off at the scan's edge is segmented as far as it goes.
+    edge_probability: float = 0.0
 
 
 def _uniform(low: float, high: float, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -131,6 +139,18 @@ def slab_weights(centre: float, thickness: float, depth: int) -> tuple[torch.Ten
     cells = torch.arange(math.floor(low + 0.5), math.ceil(high - 0.5) + 1, dtype=torch.float64)
     overlap = (torch.minimum(cells + 0.5, torch.tensor(high)) - torch.maximum(cells - 0.5, torch.tensor(low))).clamp(min=0)
     return cells.long().clamp(0, depth - 1), overlap / overlap.sum()
+
+
+def as_scan_edge(stack: torch.Tensor, context_slices: int, side: int) -> torch.Tensor:
+    """The 2.5D stack (C, n, n) of a slice at the scan's start (``side`` −1: the neighbours before it are
+    replaced by the slice itself) or end (+1: those after it), exactly as ``slice_stack`` would give it on
+    a scan cut there."""
+    edged = stack.clone()
+    if side < 0:
+        edged[:context_slices] = stack[context_slices]
+    else:
+        edged[context_slices + 1 :] = stack[context_slices]
+    return edged
 
 
 def thick_slab(volume: torch.Tensor, centre: float, thickness: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from LiverSegLib.geometry import canonical_transform
 from LiverSegLib.model import ModelCard
 from LiverSegLib.preprocessing import label_crop, prepare_label, prepare_volume, slice_stack
 
-from .augment import AugmentConfig, thick_slice_sample
+from .augment import AugmentConfig, as_scan_edge, thick_slice_sample
 from .sources import Case
 
 
@@ -64,9 +64,10 @@ class SliceSampler:
     """Draws slice batches: a fraction from slices showing liver, the rest from any slice.
 
     Liver slices are a third of a CT or less; over-representing them spends the CPU on what matters,
-    while the remaining draws keep the network honest about empty slices. The slice-thickness
-    augmentation (``augment.thickness_probability``) happens here, where the whole volume is at hand:
-    a 2D batch holds only the three neighbouring slices, too few to resample in z.
+    while the remaining draws keep the network honest about empty slices. The slice-thickness and
+    scan-edge augmentations (``augment.thickness_probability``, ``augment.edge_probability``) happen here,
+    where the whole volume is at hand: a 2D batch holds only the three neighbouring slices, too few to
+    resample in z.
     """
 
     def __init__(
@@ -103,14 +104,20 @@ class SliceSampler:
 
     def sample(self, case: PreparedCase, z: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Stack (C, n, n) and masks (2, n, n) of slice ``z``: as stored, or, with the thickness augmentation,
-        as a scan with slices of a random thickness in ``augment.thickness_mm`` would show them. No random
-        number is drawn when the augmentation is off, so configs without it sample exactly as before."""
+        as a scan with slices of a random thickness in ``augment.thickness_mm`` would show them; then, with
+        the scan-edge augmentation, as the first or last slice of a scan that ends there. No random number
+        is drawn for an augmentation that is off, so configs without it sample exactly as before."""
         probability = self.augment.thickness_probability
         if probability > 0 and float(torch.rand(1, generator=generator)) < probability:
             low_mm, high_mm = self.augment.thickness_mm
             thickness_mm = low_mm + (high_mm - low_mm) * float(torch.rand(1, generator=generator))
-            return thick_slice_sample(case.image, case.masks, z, self.context_slices, thickness_mm / case.spacing_z_mm)
-        return slice_stack(case.image, [z], self.context_slices)[0].float(), case.masks[z].float()
+            stack, masks = thick_slice_sample(case.image, case.masks, z, self.context_slices, thickness_mm / case.spacing_z_mm)
+        else:
+            stack, masks = slice_stack(case.image, [z], self.context_slices)[0].float(), case.masks[z].float()
+        edge = self.augment.edge_probability
+        if edge > 0 and float(torch.rand(1, generator=generator)) < edge:
+            stack = as_scan_edge(stack, self.context_slices, -1 if float(torch.rand(1, generator=generator)) < 0.5 else 1)
+        return stack, masks
 
 
 __all__ = ["PreparedCase", "SliceSampler", "prepare_case"]

@@ -78,6 +78,7 @@ def test_scanner_augmentations_are_off_by_default():
 
     config = AugmentConfig()
     assert config.noise_hu == (0.0, 0.0) and config.fov_probability == 0.0 and config.thickness_probability == 0.0
+    assert config.edge_probability == 0.0
 
 
 def test_off_augmentations_draw_no_random_numbers():
@@ -216,3 +217,44 @@ def test_sampler_thickness_augmentation_on_a_real_case(data_root, tmp_path):
     assert not bool((masks[:, 1] > masks[:, 0]).any())
     stored = slice_stack(prepared.image, prepared.liver_slices.tolist(), 1).float()
     assert not any(torch.equal(image, s) for image in images for s in stored)  # every sample resampled
+
+
+@pytest.mark.parametrize("context_slices", [1, 2])
+def test_scan_edge_stack_is_the_stack_of_a_scan_cut_there(context_slices):
+    """On a z-ramp (slice z holds the value z) slice 5's stack is [4, 5, 6] with one neighbour a side; at
+    a scan's start it is [5, 5, 6], at its end [4, 5, 5]: what slice_stack gives on the scan cut there."""
+    from LiverSegLib.preprocessing import slice_stack
+    from LiverSegTraining.augment import as_scan_edge
+
+    ramp = torch.arange(10, dtype=torch.float32)[:, None, None].expand(10, 4, 4).contiguous()
+    stack = slice_stack(ramp, [5], context_slices)[0]
+    start, end = as_scan_edge(stack, context_slices, -1), as_scan_edge(stack, context_slices, 1)
+    if context_slices == 1:
+        assert start[:, 0, 0].tolist() == [5.0, 5.0, 6.0] and end[:, 0, 0].tolist() == [4.0, 5.0, 5.0]
+    assert torch.equal(start, slice_stack(ramp[5:], [0], context_slices)[0])
+    assert torch.equal(end, slice_stack(ramp[:6], [5], context_slices)[0])
+    assert stack[:, 0, 0].tolist() == [5.0 + k for k in range(-context_slices, context_slices + 1)]  # the input is left as it was
+
+
+def test_sampler_scan_edge_augmentation_on_a_real_case(data_root, tmp_path):
+    """With edge_probability 1 every stack of ircad_17 (whose liver begins on its scan's second slice) is an edge
+    stack: one side's neighbour equals the slice itself, both sides about equally often, the masks untouched."""
+    from LiverSegLib.model import ModelCard as Card
+    from LiverSegLib.preprocessing import slice_stack
+    from LiverSegTraining.augment import AugmentConfig
+    from LiverSegTraining.data import SliceSampler
+
+    (case,) = [c for c in discover("cases", data_root / "cases") if c.name == "ircad_17"]
+    prepared = prepare_case(case, Card(input_size=64), tmp_path / "cache")
+    sampler = SliceSampler([prepared], 1.0, 1, augment=AugmentConfig(edge_probability=1.0))
+    generator = torch.Generator().manual_seed(0)
+    sides = []
+    for _ in range(8):
+        z = int(prepared.liver_slices[int(torch.randint(len(prepared.liver_slices), (1,), generator=generator))])
+        stack, masks = sampler.sample(prepared, z, generator)
+        stored = slice_stack(prepared.image, [z], 1)[0].float()
+        assert torch.equal(masks, prepared.masks[z].float()) and torch.equal(stack[1], stored[1])
+        before, after = torch.equal(stack[0], stack[1]), torch.equal(stack[2], stack[1])
+        assert before != after or torch.equal(stored[0], stored[1]) or torch.equal(stored[2], stored[1])
+        sides.append(-1 if before else 1)
+    assert set(sides) == {-1, 1}
