@@ -44,13 +44,14 @@ LESION_SELECTION_RULE = (
 LESION_COLUMNS = ("lesion_threshold", "min_lesion_ml", "lesion_chosen_on")  # rows of folds whose settings were chosen
 SUMMARY_KEYS = (
     "liver_dice", "liver_iou", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice",
-    "lesion_recall", "lesion_false_count", "lesion_false_ml",
+    "lesion_recall", "lesion_false_count", "lesion_false_ml", "liver_dice_cut_scan",
 )
 HIGHER_IS_BETTER = ("_dice", "_iou", "_recall")  # the worst case of these is the lowest; of the others the largest in size
 TABLE_COLUMNS = (
     "case", "label", "liver_dice", "liver_iou", "liver_accuracy", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct",
     "lesion_dice", "lesion_iou", "lesion_assd_mm", "lesion_hd95_mm", "lesion_volume_error_pct",
     "lesion_true_count", "lesion_detected_count", "lesion_recall", "lesion_false_count", "lesion_false_ml",
+    "liver_dice_cut_scan", "liver_dice_cut_scan_whole",
 )
 
 
@@ -79,14 +80,32 @@ def _prepare(cases: list[Case], config: TrainConfig, card: ModelCard) -> list[Pr
     return [prepare_case(case, card, cache) for case in cases]
 
 
-def evaluate_case(segmenter: LiverSegmenter, case: Case, plot_path: Path | None = None) -> dict[str, float | str]:
-    """Full engine run (reorient, preprocess, network, post-process, back to the input grid) vs. the label."""
+def cut_scan_figures(segmenter: LiverSegmenter, ct: sitk.Image, truth: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
+    """Liver Dice on the scan cut through the labelled liver's middle slice (the slices from there on along
+    the image's third axis kept, so the scan starts where the liver is about its widest), and the whole
+    scan's Dice on the same slices: what a liver cut off at a scan's edge costs, which the issue asks to be
+    segmented as far as it goes. ``truth`` and ``prediction`` are the whole scan's (k, j, i) arrays."""
+    slices_with_liver = np.flatnonzero((truth >= 1).any(axis=(1, 2)))
+    middle = int(slices_with_liver[len(slices_with_liver) // 2])
+    cut = sitk.GetArrayFromImage(segmenter.segment(ct[:, :, middle:]).label_image)  # a copy: the image is not kept
+    kept_truth = truth[middle:] >= 1
+    return {
+        "liver_dice_cut_scan": overlap(cut >= 1, kept_truth)["dice"],
+        "liver_dice_cut_scan_whole": overlap(prediction[middle:] >= 1, kept_truth)["dice"],
+    }
+
+
+def evaluate_case(segmenter: LiverSegmenter, case: Case, plot_path: Path | None = None, cut_scan: bool = False) -> dict[str, float | str]:
+    """Full engine run (reorient, preprocess, network, post-process, back to the input grid) vs. the label;
+    ``cut_scan``: also ``cut_scan_figures``."""
     ct, truth = case.load()
     result = segmenter.segment(ct, keep_probabilities=plot_path is not None)
     prediction = sitk.GetArrayViewFromImage(result.label_image)
     spacing_kji_mm = tuple(reversed(ct.GetSpacing()))
     row: dict[str, float | str] = {"case": case.name, "label": case.label_kind, "seconds": round(result.seconds, 2)}
     row.update(label_map_metrics(prediction, truth, spacing_kji_mm, case.has_lesion_label))
+    if cut_scan:
+        row.update(cut_scan_figures(segmenter, ct, truth, prediction))
     if plot_path is not None and result.probabilities is not None and result.region is not None:
         transform = canonical_transform(ct.GetDirection())
         canonical_prediction = transform.to_canonical(prediction)
@@ -318,7 +337,7 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
         settings = lesion_settings(config, [c for c in cases if c != test], fold_dir, resume)
         result = fit(config, train_cases, val_cases, fold_dir, resume)
         segmenter = segmenter_of(result, config.device, with_lesion_settings(result.card, settings))
-        row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png")
+        row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png", cut_scan=True)
         row["trained_on"] = " ".join(c.name for c in train_cases)
         row.update(lesion_columns(settings))
         rows.append({**row, "fold": test.name})
@@ -332,7 +351,7 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
             rows.append({**evaluate_case(segmenter, case), "trained_on": row["trained_on"], "fold": test.name})
         if result.stage2:  # what stage 2 adds: the same fold's stage 1 as a single-stage model, on the same patient
             alone = LiverSegmenter(device=config.device, card=replace(segmenter.card, stage2={}), network=result.network)
-            stage1_rows.append({**evaluate_case(alone, test), "fold": test.name})
+            stage1_rows.append({**evaluate_case(alone, test, cut_scan=True), "fold": test.name})
     summary = summarise(rows)
     summary["lesions_validated"] = lesions_validated(rows)
     write_table(rows, output_dir / "crossval")
@@ -472,6 +491,11 @@ Lesions are also counted one by one (26-connected 3D components): a true lesion 
 predicted lesion overlaps it by at least one voxel (`lesion_recall` = detected / true, n/a without true
 lesions); a predicted lesion that overlaps no true lesion is a false lesion (`lesion_false_count`,
 `lesion_false_ml`), counted on every case, including livers labelled without lesions.
+
+A liver cut off at the scan's edge: each held-out CT is also segmented with its slices before the labelled
+liver's middle slice removed (the scan then starts where the liver is about its widest);
+`liver_dice_cut_scan` is the liver Dice on the slices kept, `liver_dice_cut_scan_whole` the whole scan's
+Dice on the same slices. The gap is what the cut costs.
 
 Rows labelled `model` are validation cases, never trained on, segmented by each fold's model (`fold`): their
 livers are labelled without lesions, so every lesion found there is false; their liver Dice is agreement with

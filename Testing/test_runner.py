@@ -34,6 +34,9 @@ def test_cross_validation_by_patient(data_root, tmp_path):
     # Per-lesion detection on every fold (ircad_01 has 7 tumours, ircad_17 has 2).
     assert [r["lesion_true_count"] for r in rows] == [7, 2]
     assert all(0 <= r["lesion_detected_count"] <= r["lesion_true_count"] and r["lesion_false_count"] >= 0 for r in rows)
+    # Each held-out patient also on its scan cut through the liver; the validation cases are not.
+    assert all(0.0 <= r["liver_dice_cut_scan"] <= 1.0 and 0.0 <= r["liver_dice_cut_scan_whole"] <= 1.0 for r in rows)
+    assert not any("liver_dice_cut_scan" in r for r in validation) and "mean_liver_dice_cut_scan" in summary
     assert (tmp_path / "cv" / "crossval.csv").read_text(encoding="utf-8").count("\n") == 5
     assert [r["case"] for r in read_strict_json(tmp_path / "cv" / "crossval.json")] == [r["case"] for r in all_rows]
     for case in ("ircad_01", "ircad_17"):  # the held-out case, segmented by the full engine
@@ -52,7 +55,7 @@ def test_crossval_folds_option(data_root, tmp_path, capsys):
     assert train_main([config_path, *argv]) == 0
     assert sorted(p.name for p in (tmp_path / "cv").iterdir() if p.is_dir()) == ["fold_ircad_17"]
     results = (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
-    assert "| ircad_17 |" in results and "| lesion_recall | lesion_false_count | lesion_false_ml |" in results
+    assert "| ircad_17 |" in results and "| lesion_recall | lesion_false_count | lesion_false_ml | liver_dice_cut_scan |" in results
     assert train_main([config_path, *argv[:2], "ircad_99", *argv[3:]]) == 2
     assert "ircad_99" in capsys.readouterr().err
     assert train_main([config_path, "--folds", "ircad_17"]) == 2
@@ -212,3 +215,23 @@ def test_crossval_over_seeds(data_root, tmp_path):
     assert "trained 2 times, with seeds 0, 1" in results and "| small_a | 2 |" in results and "seed_sd_mean_liver_dice" in results
     assert train_main([config_path, "--seeds", "0,0", "--crossval"]) == 2
     assert train_main([config_path, "--seeds", "1"]) == 2  # --seeds needs --crossval
+
+
+def test_cut_scan_figures_of_the_bundled_model_on_ircad_01(data_root):
+    """ircad_01's liver spans slices 27–124: the cut scan keeps slices 76 on (the middle liver slice), and the
+    whole-scan figure is the Dice of the whole prediction on those slices, by hand. The bundled model (which
+    trained on ircad_01: behaviour at the edge, not accuracy) segments the cut liver as far as it goes."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from LiverSegLib.pipeline import LiverSegmenter
+    from LiverSegTraining.runner import cut_scan_figures
+
+    ct = sitk.ReadImage(str(data_root / "cases" / "ircad_01" / "ct.nii.gz"))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data_root / "cases" / "ircad_01" / "label.nii.gz")))
+    segmenter = LiverSegmenter(device="cpu")
+    prediction = sitk.GetArrayFromImage(segmenter.segment(ct).label_image)
+    figures = cut_scan_figures(segmenter, ct, truth, prediction)
+    kept_prediction, kept_truth = prediction[76:] >= 1, truth[76:] >= 1
+    assert figures["liver_dice_cut_scan_whole"] == pytest.approx(2 * (kept_prediction & kept_truth).sum() / (kept_prediction.sum() + kept_truth.sum()))
+    assert figures["liver_dice_cut_scan"] >= figures["liver_dice_cut_scan_whole"] - 0.02, figures
