@@ -1,10 +1,10 @@
 """The time a two-stage cascade adds on the CPU: the whole command, single-stage against cascades, same run.
 
-    python benchmarks/cascade_budget.py [--stage2 resnet18:256 resnet18:192 ...] [--margin-mm 20] [--card LABEL=CARD.json ...]
+    python benchmarks/cascade_budget.py [--stage2 resnet18:256 tu-regnetx_002:224:64-32-16-8-8 ...] [--margin-mm 20] [--card LABEL=CARD.json ...]
                                         [--cts ircad_01 ircad_17] [--repeats 5] [--work /tmp/liverseg-cascade-budget]
 
-Each cascade is the bundled network as stage 1 plus a stage 2 of the named encoder and input size (the
-bundled decoder) on stage 1's liver box grown by ``--margin-mm``. Stage 2's weights are random (seed 0):
+Each cascade is the bundled network as stage 1 plus a stage 2 ``ENCODER:SIZE[:DECODER]`` (the decoder's
+channels joined by ``-``; the bundled decoder when not given) on stage 1's liver box grown by ``--margin-mm``. Stage 2's weights are random (seed 0):
 its time does not depend on them, only on its shape and on the slices and box stage 1 gives it, which are
 the bundled network's. Its fp32 graph and int8 graph are made by the engine's own exporters
 (``runtime.export_onnx_graph`` / ``export_int8_graph``, calibrated on the crops of the bundled card's
@@ -35,13 +35,13 @@ from cpu_install import load_1min, machine, print_table  # noqa: E402
 
 
 def cascade_card(stage2_spec: str, margin_mm: float, folder: Path, data_root: Path) -> Path:
-    """A model folder: the bundled files and card plus a random-weight stage 2 ``ENCODER:SIZE`` and its graphs."""
+    """A model folder: the bundled files and card plus a random-weight stage 2 ``ENCODER:SIZE[:DECODER]`` and its graphs."""
     import torch
 
     from LiverSegLib.model import BUNDLED_CARD, build_network, read_card, save_model, write_card
     from LiverSegLib.runtime import export_int8_graph, export_onnx_graph
 
-    encoder, size = stage2_spec.split(":")
+    encoder, size, *decoder = stage2_spec.split(":")
     card_path = folder / "liverseg.json"
     if card_path.exists():
         return card_path
@@ -51,6 +51,8 @@ def cascade_card(stage2_spec: str, margin_mm: float, folder: Path, data_root: Pa
         shutil.copy(BUNDLED_CARD.parent / name, folder / name)
     stage2 = read_card(BUNDLED_CARD)
     stage2.encoder, stage2.input_size, stage2.crop_margin_mm = encoder, int(size), margin_mm
+    if decoder:
+        stage2.decoder_channels = tuple(int(channels) for channels in decoder[0].split("-"))
     stage2.weights_file, stage2.onnx_file, stage2.int8_onnx_file, stage2.int8_calibration = "liverseg.stage2.safetensors", "", "", {}
     torch.manual_seed(0)
     stage2 = save_model(build_network(stage2).eval(), stage2, folder / "stage2-only.json")  # writes its weights, records their hash
