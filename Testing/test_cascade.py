@@ -92,11 +92,11 @@ def test_stage2_crop_holds_every_expert_liver_voxel(data_root, segmenter):
 
 @pytest.fixture(scope="module")
 def cascade_model(data_root, tmp_path_factory) -> Path:
-    """A cascade trained by ``liverseg-train`` with the bundled recipe shrunk (stage 2: 64 px, 15 mm
-    margin), and a copy of the bundled model given that stage 2 (a stage 1 that finds the liver)."""
+    """A cascade trained by ``liverseg-train`` with the cascade recipe (its networks, margin and
+    augmentations) shrunk: both stages 64 px, a few steps, the lesion settings fixed."""
     folder = tmp_path_factory.mktemp("cascade")
-    argv = [str(PROJECT_ROOT / "LiverSegTraining/configs/bundled.toml"), "--output", str(folder / "run")]
-    for override in tiny_config(folder, data_root, ["stage2.model={input_size=64, crop_margin_mm=15.0}"]):
+    argv = [str(PROJECT_ROOT / "LiverSegTraining/configs/cascade.toml"), "--output", str(folder / "run")]
+    for override in tiny_config(folder, data_root, ["stage2.model.input_size=64", "lesion.selection='fixed'"]):
         argv += ["--set", override]
     assert train_main(argv) == 0
     return folder / "run" / "model" / "liverseg.json"
@@ -118,6 +118,7 @@ def test_training_a_cascade_exports_one_card_for_both_stages(cascade_model):
     card = read_strict_json(cascade_model)
     stage2 = card["stage2"]
     assert card["crop_margin_mm"] == 0.0 and card["input_size"] == 64
+    assert card["encoder"] == stage2["encoder"] == "tu-regnetx_002" and stage2["decoder_channels"] == [64, 32, 16, 8, 8]
     assert stage2["crop_margin_mm"] == 15.0 and stage2["input_size"] == 64
     assert stage2["weights_file"] == "liverseg.stage2.safetensors" and stage2["onnx_file"] == "liverseg.stage2.onnx"
     assert len(stage2["weights_sha256"]) == 64 and stage2["weights_sha256"] != card["weights_sha256"]
