@@ -36,10 +36,10 @@ class PreparedCase:
 
 def prepare_case(case: Case, card: ModelCard, cache_dir: Path | None = None) -> PreparedCase:
     """Read, reorient and preprocess with the engine's own functions; reuse the cache when it matches. For
-    a cascade's stage 2 (``card.crop_margin_mm`` > 0) only the crop around the labelled liver
-    (``preprocessing.label_crop``), the region stage 2 sees at inference around stage 1's liver."""
-    # v2: numpy resizing; v3: the slice spacing is cached too; v4: the crop margin
-    key = hashlib.sha1(f"{case.source}|{card.window_hu}|{card.input_size}|{card.crop_margin_mm}|v4".encode()).hexdigest()[:12]
+    a cascade's stage 2 (``card.crop_margin_mm`` > 0) only the box around the labelled liver, on every slice
+    (``preprocessing.label_crop``): the box stage 2 sees at inference around stage 1's liver."""
+    # v2: numpy resizing; v3: the slice spacing is cached too; v4: the crop margin; v5: stage 2's crop on every slice
+    key = hashlib.sha1(f"{case.source}|{card.window_hu}|{card.input_size}|{card.crop_margin_mm}|v5".encode()).hexdigest()[:12]
     cache_file = cache_dir / f"{case.name}-{key}.pt" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
         image, masks, spacing_z_mm = torch.load(cache_file, weights_only=True)

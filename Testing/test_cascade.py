@@ -4,6 +4,7 @@ cases, both runtimes and precisions, and the checks that refuse a tampered stage
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from LiverSegLib.errors import ModelIntegrityError
 from LiverSegLib.geometry import bounding_box, canonical_transform
 from LiverSegLib.model import BUNDLED_CARD, ModelCard, read_card, write_card
 from LiverSegLib.pipeline import LiverSegmenter, stage1_liver_extent, stage2_crop
-from LiverSegLib.preprocessing import CROP_MARGIN_SLICES, SliceGrid, label_crop, liver_crop, prepare_volume
+from LiverSegLib.preprocessing import CROP_MARGIN_SLICES, SliceGrid, label_crop, liver_crop, prepare_label, prepare_volume
 from LiverSegLib.runtime import export_int8_graph
 from LiverSegTraining.cli import train_main
 
@@ -86,7 +87,7 @@ def test_stage2_crop_holds_every_expert_liver_voxel(data_root, segmenter):
         canonical_truth = transform.to_canonical(sitk.GetArrayFromImage(truth_image))
         crop = stage1_crop(segmenter, ct, card)
         assert int((canonical_truth[crop] >= 1).sum()) == int((canonical_truth >= 1).sum()), name
-        from_label = label_crop(canonical_truth, transform.canonical_spacing_mm(ct.GetSpacing()), 20.0)
+        from_label = liver_crop(bounding_box(canonical_truth >= 1, margin=0), canonical_truth.shape, transform.canonical_spacing_mm(ct.GetSpacing()), 20.0)
         assert all(abs(a.start - b.start) <= 12 and abs(a.stop - b.stop) <= 12 for a, b in zip(crop, from_label)), (name, crop, from_label)
 
 
@@ -189,8 +190,8 @@ def test_int8_graph_per_stage_and_tampered_stage2_refused(cascade_model, data_ro
 
 
 def test_stage2_training_crops_are_the_labelled_liver_box(data_root, tmp_path):
-    """Stage 2 trains on the crop ``label_crop`` takes around the labelled liver: every liver voxel inside,
-    CROP_MARGIN_SLICES beyond it along z."""
+    """Stage 2 trains on the crop ``label_crop`` takes: the labelled liver's rows and columns grown by the
+    margin (rounded up to whole voxels), on every slice of the scan."""
     from LiverSegTraining.config import load_config
     from LiverSegTraining.data import prepare_case
     from LiverSegTraining.sources import discover
@@ -201,11 +202,15 @@ def test_stage2_training_crops_are_the_labelled_liver_box(data_root, tmp_path):
     ct, label = case.load()
     transform = canonical_transform(ct.GetDirection())
     canonical_label = transform.to_canonical(label)
-    liver_slices = bounding_box(canonical_label >= 1, margin=0)[0]
-    crop = label_crop(canonical_label, transform.canonical_spacing_mm(ct.GetSpacing()), 15.0)
-    expected_depth = min(liver_slices.stop + CROP_MARGIN_SLICES, canonical_label.shape[0]) - max(liver_slices.start - CROP_MARGIN_SLICES, 0)
-    assert prepared.image.shape == (expected_depth, 64, 64) == (crop[0].stop - crop[0].start, 64, 64)
-    assert int(prepared.masks[:, 0].sum()) > 0
+    spacing_mm = transform.canonical_spacing_mm(ct.GetSpacing())
+    _, rows, cols = bounding_box(canonical_label >= 1, margin=0)
+    crop = label_crop(canonical_label, spacing_mm, 15.0)
+    grow = [math.ceil(15.0 / spacing) for spacing in spacing_mm[1:]]
+    assert crop == (slice(0, canonical_label.shape[0]),
+                    slice(max(rows.start - grow[0], 0), min(rows.stop + grow[0], canonical_label.shape[1])),
+                    slice(max(cols.start - grow[1], 0), min(cols.stop + grow[1], canonical_label.shape[2])))
+    assert prepared.image.shape == (canonical_label.shape[0], 64, 64)
+    assert int(prepared.masks[:, 0].sum()) == int(prepare_label(canonical_label[crop], 64)[:, 0].sum()) > 0
 
 
 def test_cascade_cross_validation_reports_stage1_alone(data_root, tmp_path):
