@@ -140,10 +140,12 @@ def test_config_extends_another(tmp_path):
 
     cascade = load_config(PROJECT_ROOT / "LiverSegTraining/configs/cascade.toml")
     bundled = load_config(PROJECT_ROOT / "LiverSegTraining/configs/bundled.toml")
-    assert cascade.version == "0.3.0" and cascade.model == bundled.model and cascade.schedule == bundled.schedule
+    assert cascade.version == "0.3.0" and cascade.schedule == bundled.schedule
+    assert cascade.model == {**bundled.model, "encoder": "tu-regnetx_002", "decoder_channels": [64, 32, 16, 8, 8], "input_size": 128}
     assert cascade.augment.noise_hu == (0.0, 25.0) and cascade.augment.scale == bundled.augment.scale  # one key changed, the rest kept
+    assert cascade.augment.edge_probability == 0.1 and bundled.augment.edge_probability == 0.0
     stage2 = cascade.stage2_config()
-    assert stage2.card().input_size == 224 and stage2.card().crop_margin_mm == 15.0 and stage2.card().encoder == "resnet18"
+    assert stage2.card().input_size == 224 and stage2.card().crop_margin_mm == 15.0 and stage2.card().encoder == "tu-regnetx_002"
     assert stage2.card().weights_file == "liverseg.stage2.safetensors" and stage2.output_dir == "runs/cascade/stage2"
     (tmp_path / "a.toml").write_text('extends = "b.toml"\n', encoding="utf-8")
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n', encoding="utf-8")

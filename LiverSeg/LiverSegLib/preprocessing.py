@@ -158,8 +158,8 @@ def liver_crop(liver_box: Box, shape: tuple[int, int, int], spacing_mm: tuple[fl
 def label_crop(label_canonical: np.ndarray, spacing_mm: tuple[float, float, float], margin_mm: float) -> Box:
     """The crop stage 2 trains and is calibrated on: ``liver_crop``'s rows and columns around a label map's
     liver (0/1/2), on every slice of the scan. At inference stage 1's box reaches wherever stage 1 saw liver,
-    the heart above the dome or a kidney below the liver included; stage 2 has to have seen those slices, in
-    the same box, to leave them empty (trained on the liver's slices and 3 more, it marked them as liver)."""
+    which may be slices above the dome or below the liver's tip: stage 2 is trained on such slices, in the
+    same box, so that what it is shown at inference is what it was trained on."""
     rows_cols = liver_crop(bounding_box(np.asarray(label_canonical) >= 1, margin=0), label_canonical.shape, spacing_mm, margin_mm)[1:]
     return (slice(0, label_canonical.shape[0]), *rows_cols)
 
