@@ -67,9 +67,9 @@ class AugmentConfig:
     # Scan edge (data.SliceSampler): with edge_probability, the sample is the first or last slice of a scan
     # that ends there: its 2.5D neighbours on one side (drawn at random) repeat the slice itself, as
     # ``slice_stack`` makes them at a scan's first and last slice. A scan that ends inside the liver shows
-    # this stack on liver slices; training shows it otherwise only on slices without liver (a cascade's
-    # stage 2, trained on crops a few slices beyond the labelled liver, never), so the network would meet
-    # it first on a patient. With it, a liver cut off at the scan's edge is segmented as far as it goes.
+    # this stack on liver slices; training shows it otherwise only at the training scans' ends, where there
+    # is rarely liver, so the network would meet it first on a patient. With it, a liver cut off at the
+    # scan's edge is segmented as far as it goes.
     edge_probability: float = 0.0
 
 
