@@ -16,13 +16,15 @@ import SimpleITK as sitk
 from LiverSegLib.errors import ModelIntegrityError
 from LiverSegLib.geometry import bounding_box, canonical_transform
 from LiverSegLib.model import BUNDLED_CARD, ModelCard, read_card, write_card
-from LiverSegLib.pipeline import LiverSegmenter, stage1_liver_extent, stage2_crop
-from LiverSegLib.preprocessing import CROP_MARGIN_SLICES, SliceGrid, label_crop, liver_crop, prepare_label, prepare_volume
+from LiverSegLib.pipeline import LiverSegmenter, label_map_in_box, stage1_liver, stage1_liver_extent, stage2_crop, stage2_gate
+from LiverSegLib.preprocessing import CROP_MARGIN_SLICES, label_crop, liver_crop, prepare_label, prepare_volume
 from LiverSegLib.runtime import export_int8_graph
 from LiverSegTraining.cli import train_main
 
 from conftest import PROJECT_ROOT, read_case, tiny_config
 from test_plots import read_strict_json
+
+from LiverSegTraining.cli import train_main
 
 
 def test_liver_crop_by_hand():
@@ -34,6 +36,49 @@ def test_liver_crop_by_hand():
     at_edges = (slice(0, 2), slice(0, 10), slice(500, 512))
     assert liver_crop(at_edges, (4, 512, 512), (1.6, 0.7, 0.8), 10.0) == (slice(0, 4), slice(0, 25), slice(487, 512))
     assert liver_crop(box, (40, 512, 512), (1.6, 0.7, 0.8), 0.1)[1:] == (slice(99, 201), slice(49, 151))  # at least a voxel
+
+
+def test_stage2_gate_by_hand():
+    """Stage 1's liver is one model-grid pixel (row 10, col 10 of 20) on slice 4 of the slices run 0, 4, 8;
+    the slice grid is 40 × 40 (2 slice pixels a model pixel), 1 mm pixels and 2 mm slices, so a model pixel
+    is 2 mm. A 4 mm gate: in plane the model pixels within 2 pixels (13 of them, a disk), each 2 × 2 slice
+    pixels; along z the slices within 2 of slice 4 and those whose nearest slice run is 4 (1-7), not 0, 8, 9."""
+    liver = np.zeros((3, 20, 20), bool)
+    liver[1, 10, 10] = True
+    slices_run = np.array([0, 4, 8])
+    whole = (slice(0, 10), slice(0, 40), slice(0, 40))
+    gate = stage2_gate(liver, slices_run, whole, (10, 40, 40), (2.0, 1.0, 1.0), 4.0)
+    assert gate.shape == (10, 40, 40)
+    assert [int(z) for z in np.flatnonzero(gate.any(axis=(1, 2)))] == [1, 2, 3, 4, 5, 6, 7]
+    disk = np.add.outer((np.arange(20) - 10) ** 2, (np.arange(20) - 10) ** 2) <= 4
+    assert disk.sum() == 13
+    assert np.array_equal(gate[4], np.kron(disk, np.ones((2, 2), bool)))
+    assert all(np.array_equal(gate[z], gate[4]) for z in range(1, 8))
+    # Only part of the grid (stage 2's crop), on a slice grid padded to a square: 30 rows sit 5 below the top
+    # of the 40-pixel square, so slice row r is model row (r + 5) // 2 and model row 10 is slice rows 15-16.
+    crop = (slice(3, 6), slice(10, 25), slice(16, 40))
+    part = stage2_gate(liver, slices_run, crop, (10, 30, 40), (2.0, 1.0, 1.0), 0.5)
+    assert part.shape == (3, 15, 24)
+    rows, cols = np.nonzero(part[1])
+    assert (rows + 10).tolist() == [15, 15, 16, 16] and (cols + 16).tolist() == [20, 21, 20, 21]
+
+
+def test_gate_applies_before_the_clean_up():
+    """``label_map_in_box`` keeps no channel outside ``allowed``: two liver blobs, the larger one outside the
+    gate, give the smaller one (the largest component is taken after the gate), and its lesion."""
+    card = ModelCard(input_size=8)
+    probabilities = np.zeros((4, 2, 8, 8), np.float32)
+    probabilities[:, 0, 0:3, 0:3] = 0.9  # small blob, allowed
+    probabilities[1:3, 1, 1, 1] = 0.9  # a lesion inside it
+    probabilities[:, 0, 4:8, 4:8] = 0.9  # larger blob, outside the gate
+    allowed = np.zeros((4, 8, 8), bool)
+    allowed[:, :4, :4] = True
+    region = (slice(0, 4), slice(0, 8), slice(0, 8))
+    box, label_map = label_map_in_box(probabilities, region, card, 1.0, allowed=allowed)
+    assert box == (slice(0, 4), slice(0, 8), slice(0, 8))
+    assert int((label_map >= 1).sum()) == 4 * 9 and int((label_map == 2).sum()) == 2
+    _, ungated = label_map_in_box(probabilities, region, card, 1.0)
+    assert int((ungated >= 1).sum()) == 4 * 16  # without the gate the larger blob wins
 
 
 def test_canonical_spacing_follows_the_axes():
@@ -66,27 +111,32 @@ def read_strict_json_text(text: str) -> dict:
 
 
 def stage1_crop(segmenter: LiverSegmenter, ct: sitk.Image, card) -> tuple:
-    """The crop stage 2 gets on the CPU: stage 1 (``segmenter``'s network) on its probes and the liver's ends."""
+    """(crop, gate of that crop) stage 2 gets on the CPU: stage 1 (``segmenter``'s network) on its probes and
+    the liver's ends; the gate's margin is the crop's."""
     transform = canonical_transform(ct.GetDirection())
     canonical_ct = transform.to_canonical(sitk.GetArrayViewFromImage(ct))
     volume = prepare_volume(canonical_ct, card.window_hu, card.input_size)
     probabilities, slices_run = stage1_liver_extent(segmenter.network, volume, card, 16)
     assert len(slices_run) < len(volume) / 2  # a third of the slices, about
-    return stage2_crop(probabilities, slices_run, SliceGrid(*canonical_ct.shape[1:]), card, transform.canonical_spacing_mm(ct.GetSpacing()))
+    liver, spacing_mm = stage1_liver(probabilities, slices_run, card), transform.canonical_spacing_mm(ct.GetSpacing())
+    crop = stage2_crop(liver, slices_run, canonical_ct.shape, card, spacing_mm)
+    return crop, stage2_gate(liver, slices_run, crop, canonical_ct.shape, spacing_mm, card.stage_card(2).crop_margin_mm)
 
 
 def test_stage2_crop_holds_every_expert_liver_voxel(data_root, segmenter):
     """Stage 2's crop from the bundled network as stage 1 (its largest liver component on the probes and the
     liver's ends, reachable box, a 20 mm margin) holds the whole expert liver of each expert case, so stage 2
-    can reach every liver voxel, and lies within a few voxels of the crop around the label that training
+    can reach every liver voxel, its gate (20 mm around stage 1's liver) all but a thousandth of it (the
+    geometry of the gate on real grids, orientations and spacings), and the crop lies within a few voxels of the crop around the label that training
     takes. These are the bundled model's training patients: a check of the crop, not of accuracy."""
     card = read_card(BUNDLED_CARD).with_stage(2, replace(read_card(BUNDLED_CARD), crop_margin_mm=20.0))
     for name in ("ircad_01", "ircad_07", "ircad_17"):
         ct, truth_image = read_case(data_root, name)
         transform = canonical_transform(ct.GetDirection())
         canonical_truth = transform.to_canonical(sitk.GetArrayFromImage(truth_image))
-        crop = stage1_crop(segmenter, ct, card)
+        crop, gate = stage1_crop(segmenter, ct, card)
         assert int((canonical_truth[crop] >= 1).sum()) == int((canonical_truth >= 1).sum()), name
+        assert int((canonical_truth[crop][gate] >= 1).sum()) >= 0.999 * int((canonical_truth >= 1).sum()), name
         from_label = liver_crop(bounding_box(canonical_truth >= 1, margin=0), canonical_truth.shape, transform.canonical_spacing_mm(ct.GetSpacing()), 20.0)
         assert all(abs(a.start - b.start) <= 12 and abs(a.stop - b.stop) <= 12 for a, b in zip(crop, from_label)), (name, crop, from_label)
 
@@ -142,23 +192,23 @@ def test_export_onnx_writes_every_stage(cascade_model, tmp_path, capsys):
 
 
 def test_cascade_segments_inside_stage1_box_with_either_runtime(cascade_model, data_root, tmp_path):
-    """Stage 2 runs on its crop of stage 1's liver only, the label map is zero outside it and on the CT's
-    grid, ONNX Runtime and torch give the same stage-2 probabilities, and progress runs through both halves."""
+    """Stage 2 runs on its crop of stage 1's liver only, the label map is zero outside it and outside the
+    gate around stage 1's liver and on the CT's grid, ONNX Runtime and torch give the same stage-2 probabilities, and progress runs through both halves."""
     card_path = with_bundled_stage1(cascade_model, tmp_path / "model")
     ct, _ = read_case(data_root, "ircad_17")
     steps: list[tuple[int, int]] = []
     segmenter = LiverSegmenter(card_path, device="cpu", precision="fp32")
     result = segmenter.segment(ct, keep_probabilities=True, progress=lambda done, total: steps.append((done, total)))
     transform = canonical_transform(ct.GetDirection())
-    expected = stage1_crop(segmenter, ct, segmenter.card)
-    assert result.region == expected
+    expected, gate = stage1_crop(segmenter, ct, segmenter.card)
+    assert result.region == expected and segmenter.card.stage_card(2).gate_margin_mm == 15.0  # the recipe's gate
     depth = expected[0].stop - expected[0].start
     assert result.probabilities.shape == (depth, 2, 64, 64)
     assert result.label_image.GetSize() == ct.GetSize() and result.label_image.GetSpacing() == ct.GetSpacing()
     label = transform.to_canonical(sitk.GetArrayViewFromImage(result.label_image))
     outside = np.ones(label.shape, bool)
-    outside[expected] = False
-    assert not label[outside].any() and label[expected].any()
+    outside[expected] = ~gate
+    assert not label[outside].any() and label[expected].any() and not gate.all()
     fractions = [done / total for done, total in steps]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0 and any(f == 0.5 for f in fractions)
     with_torch = LiverSegmenter(card_path, device="cpu", runtime="torch").segment(ct, keep_probabilities=True)
@@ -216,9 +266,10 @@ def test_stage2_training_crops_are_the_labelled_liver_box(data_root, tmp_path):
 def test_cascade_cross_validation_reports_stage1_alone(data_root, tmp_path):
     """Cross-validating a cascade trains both stages per fold, evaluates the cascade and, on the same patient,
     the fold's stage 1 alone; RESULTS.md and crossval_stage1.csv give that comparison."""
+    from test_runner import _small_expert_cases
+
     from LiverSegTraining.config import load_config
     from LiverSegTraining.runner import crossvalidate, write_results
-    from test_runner import _small_expert_cases
 
     _small_expert_cases(data_root, tmp_path / "cases")
     overrides = tiny_config(tmp_path, data_root, [f"data=[{{layout = 'cases', path = '{tmp_path / 'cases'}'}}]", "split.weak_train=[]",

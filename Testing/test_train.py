@@ -146,6 +146,7 @@ def test_config_extends_another(tmp_path):
     assert cascade.augment.edge_probability == 0.1 and bundled.augment.edge_probability == 0.0
     stage2 = cascade.stage2_config()
     assert stage2.card().input_size == 224 and stage2.card().crop_margin_mm == 15.0 and stage2.card().encoder == "tu-regnetx_002"
+    assert stage2.card().gate_margin_mm == 15.0 and cascade.card().gate_margin_mm == 0.0
     assert stage2.card().weights_file == "liverseg.stage2.safetensors" and stage2.output_dir == "runs/cascade/stage2"
     (tmp_path / "a.toml").write_text('extends = "b.toml"\n', encoding="utf-8")
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n', encoding="utf-8")
@@ -156,3 +157,6 @@ def test_config_extends_another(tmp_path):
     (tmp_path / "bundled.toml").write_text(shutil_copy, encoding="utf-8")
     with pytest.raises(LiverSegInputError, match="crop_margin_mm must be above 0"):
         load_config(tmp_path / "c.toml")
+    (tmp_path / "d.toml").write_text('extends = "bundled.toml"\n[model]\ngate_margin_mm = 10.0\n', encoding="utf-8")
+    with pytest.raises(LiverSegInputError, match="gate_margin_mm is a cascade's stage-2 setting"):
+        load_config(tmp_path / "d.toml").card()

@@ -57,6 +57,10 @@ class ModelCard:
     # liver's box only, grown by this margin in mm on each side, padded to a square and resized to
     # ``input_size`` (preprocessing.liver_crop): about 1 mm a pixel for a 25 cm box at 256 px.
     crop_margin_mm: float = 0.0
+    # A cascade's stage 2 only (0: off): stage 2's liver and lesions are kept within this distance in mm of
+    # stage 1's liver (pipeline.stage2_gate). Stage 2 sees only its crop, so at the dome it can take the
+    # heart, which fills much of that crop, for liver; stage 1 sees the whole slice and knows better.
+    gate_margin_mm: float = 0.0
     # A two-stage cascade: this card's network (stage 1) finds the liver on whole slices at low resolution,
     # and the network described here (the ``STAGE2_FIELDS`` of its card, with its own weights and graphs
     # beside this card) segments liver and lesions inside stage 1's liver box at full detail. Thresholds,
@@ -127,7 +131,7 @@ class ModelCard:
 
 # What a cascade's card keeps of its stage-2 network's card (everything that builds, verifies and runs it).
 STAGE2_FIELDS = (
-    "architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "crop_margin_mm",
+    "architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "crop_margin_mm", "gate_margin_mm",
     "weights_file", "weights_sha256", "onnx_file", "onnx_sha256", "int8_onnx_file", "int8_onnx_sha256", "int8_calibration",
 )
 

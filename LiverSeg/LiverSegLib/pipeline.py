@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .geometry import Box, canonical_transform
 from .inference import (
@@ -67,12 +68,14 @@ def whole_volume(shape: tuple[int, ...]) -> Box:
 
 
 def label_map_in_box(
-    probabilities: np.ndarray, region: Box, card: ModelCard, voxel_ml: float, lesions: bool = True, postprocess: bool = True
+    probabilities: np.ndarray, region: Box, card: ModelCard, voxel_ml: float, lesions: bool = True, postprocess: bool = True,
+    allowed: np.ndarray | None = None,
 ) -> tuple[Box, np.ndarray]:
     """(box, label map inside it) of the canonical volume from the network's (Z, channels, n, n) probabilities
     over ``region`` of it (the whole volume, or a cascade's stage-2 crop), with the card's thresholds (the
     lesion channel's own) and minimum lesion size: the one place a label map is made, so the engine and the
-    choice of lesion settings in training agree voxel for voxel.
+    choice of lesion settings in training agree voxel for voxel. ``allowed``: a bool array over ``region``
+    outside which no channel is kept (a cascade's ``stage2_gate``), applied before the clean-up.
 
     Upsampling and clean-up run inside the box where some channel can reach its threshold (the liver's, a
     fraction of the CT): the label map is the same as on the whole grid (tested), since connectivity and
@@ -80,30 +83,67 @@ def label_map_in_box(
     depths, rows, cols = region
     (box_depths, box_rows, box_cols), masks = probabilities_to_box_masks(
         probabilities, SliceGrid(rows.stop - rows.start, cols.stop - cols.start), card.channel_thresholds())
+    if allowed is not None:
+        masks &= allowed[box_depths, box_rows, box_cols][:, None]
     liver, lesion = masks[:, 0], (masks[:, 1] if lesions else None)
     label_map = compose_label_map(liver, lesion, keep_largest=postprocess, fill=postprocess, min_lesion_ml=card.min_lesion_ml, voxel_ml=voxel_ml)
     box = tuple(slice(outer.start + inner.start, outer.start + inner.stop) for outer, inner in zip(region, (box_depths, box_rows, box_cols)))
     return box, label_map
 
 
-def stage2_crop(
-    stage1_probabilities: np.ndarray, slices_run: np.ndarray, grid: SliceGrid, card: ModelCard, spacing_mm: tuple[float, float, float]
-) -> Box | None:
-    """The crop of the canonical volume that a cascade's stage 2 segments: the slices and the box of the
-    slice grid that stage 1's largest liver component can reach (a stray island elsewhere would only widen
-    it), grown by stage 2's margin (``preprocessing.liver_crop``). None when stage 1 finds no liver.
+def stage1_liver(stage1_probabilities: np.ndarray, slices_run: np.ndarray, card: ModelCard) -> np.ndarray | None:
+    """Stage 1's largest liver component, (len(slices_run), n, n) bool on its model grid, or None when it
+    finds no liver: a stray island elsewhere (spleen, heart) would only widen stage 2's crop and gate.
 
     ``slices_run``: the slices stage 1 ran, in order (every slice, or ``stage1_liver_extent``'s); they are
     taken as neighbours, so a liver seen on probes 6 mm apart is still one component."""
-    liver = stage1_probabilities[slices_run, card.channels.index("liver")]
-    found = liver >= card.threshold
-    if not found.any():
-        return None
-    kept = largest_component(found)
-    occupied = slices_run[np.flatnonzero(kept.any(axis=(1, 2)))]
-    _, rows, cols = mask_box(np.where(kept, liver, np.float32(0))[:, None], grid, card.threshold)
+    found = stage1_probabilities[slices_run, card.channels.index("liver")] >= card.threshold
+    return largest_component(found) if found.any() else None
+
+
+def stage2_crop(
+    liver: np.ndarray, slices_run: np.ndarray, shape: tuple[int, int, int], card: ModelCard, spacing_mm: tuple[float, float, float]
+) -> Box:
+    """The crop of the canonical volume that a cascade's stage 2 segments: the slices and the box of the
+    slice grid that stage 1's ``liver`` (``stage1_liver``) can reach, grown by stage 2's margin
+    (``preprocessing.liver_crop``)."""
+    occupied = slices_run[np.flatnonzero(liver.any(axis=(1, 2)))]
+    _, rows, cols = mask_box(liver[:, None].astype(np.float32), SliceGrid(*shape[1:]), 0.5)
     liver_box = (slice(int(occupied[0]), int(occupied[-1]) + 1), rows, cols)
-    return liver_crop(liver_box, (len(stage1_probabilities), grid.rows, grid.cols), spacing_mm, card.stage_card(2).crop_margin_mm)
+    return liver_crop(liver_box, shape, spacing_mm, card.stage_card(2).crop_margin_mm)
+
+
+def stage2_gate(
+    liver: np.ndarray, slices_run: np.ndarray, region: Box, shape: tuple[int, int, int], spacing_mm: tuple[float, float, float], margin_mm: float
+) -> np.ndarray:
+    """Where in ``region`` (stage 2's crop) a cascade's stage 2 may keep liver or lesion: within about
+    ``margin_mm`` of stage 1's ``liver`` (``stage1_liver``), as a bool array over the region.
+
+    Stage 1 sees whole slices and tells the liver from the heart above the dome; stage 2 sees its crop only
+    and can mistake the heart, which then fills much of the crop, for liver. The gate keeps stage 2's finer
+    boundary and lesions wherever stage 1 put the liver give or take the margin (stage 2's crop margin: the
+    error of stage 1 that the crop already allows for).
+
+    Built on stage 1's model grid (about 3 mm a pixel): along z each slice of the region takes the union of
+    stage 1's liver on the slices run within the margin and on the nearest slice run on each side (the CPU
+    runs every 4th slice and the liver's ends only); in plane that union is grown by the margin (Euclidean,
+    in mm); each slice-grid pixel then takes the value of the model-grid pixel its centre falls in."""
+    depths, rows, cols = region
+    size = liver.shape[-1]
+    grid = SliceGrid(*shape[1:])
+    pixel_mm = tuple(grid.side * spacing / size for spacing in spacing_mm[1:])
+    gate = np.zeros((depths.stop - depths.start, size, size), bool)
+    for index, z in enumerate(range(depths.start, depths.stop)):
+        near = np.abs(slices_run - z) * spacing_mm[0] <= margin_mm
+        below, above = np.flatnonzero(slices_run <= z), np.flatnonzero(slices_run >= z)
+        near[below[-1:]] = near[above[:1]] = True
+        union = liver[near].any(axis=0)
+        if union.any():
+            gate[index] = ndimage.distance_transform_edt(~union, sampling=pixel_mm) <= margin_mm
+    top, left = grid.offset
+    model_rows = np.minimum(((np.arange(rows.start, rows.stop) + top + 0.5) * size / grid.side).astype(int), size - 1)
+    model_cols = np.minimum(((np.arange(cols.start, cols.stop) + left + 0.5) * size / grid.side).astype(int), size - 1)
+    return gate[:, model_rows[:, None], model_cols[None, :]]
 
 
 def stage1_liver_extent(
@@ -205,18 +245,24 @@ class LiverSegmenter:
             probabilities, used_device = self._probabilities(1, volume, postprocess, batch_size, _halves(progress, first=True) if cascade and progress else progress)
             slices_run = np.arange(len(volume))
         lap("network")
+        allowed = None
         if cascade:
-            region = stage2_crop(probabilities, slices_run, SliceGrid(*ct_canonical.shape[1:]), self.card, transform.canonical_spacing_mm(image.GetSpacing()))
-            if region is not None:
+            liver = stage1_liver(probabilities, slices_run, self.card)
+            region = None
+            if liver is not None:
+                spacing_mm = transform.canonical_spacing_mm(image.GetSpacing())
                 stage2 = self.card.stage_card(2)
+                region = stage2_crop(liver, slices_run, ct_canonical.shape, self.card, spacing_mm)
                 crop_volume = prepare_volume(ct_canonical[region], stage2.window_hu, stage2.input_size)
                 probabilities, used_device = self._probabilities(2, crop_volume, False, batch_size, _halves(progress, first=False) if progress else None)
+                if stage2.gate_margin_mm > 0:
+                    allowed = stage2_gate(liver, slices_run, region, ct_canonical.shape, spacing_mm, stage2.gate_margin_mm)
             lap("stage2")
         voxel_ml = voxel_volume_ml(image)
         label_canonical = np.zeros(ct_canonical.shape, np.uint8)
         label_in_box = label_canonical[:0]
         if region is not None:
-            box, label_in_box = label_map_in_box(probabilities, region, self.card, voxel_ml, lesions, postprocess)
+            box, label_in_box = label_map_in_box(probabilities, region, self.card, voxel_ml, lesions, postprocess, allowed)
             label_canonical[box] = label_in_box
         lap("postprocess")
         label_image = sitk.GetImageFromArray(np.ascontiguousarray(transform.from_canonical(label_canonical)))

@@ -361,7 +361,12 @@ def int8_graph(graph_bytes: bytes, weights_path: Path, batches: list[np.ndarray]
     with tempfile.TemporaryDirectory(prefix="liverseg-int8-") as folder:
         plain_path, inferred, quantised_path = (Path(folder) / name for name in ("plain.onnx", "inferred.onnx", "int8.onnx"))
         onnx.save(plain, plain_path)
-        quant_pre_process(str(plain_path), str(inferred), skip_optimization=True)  # shapes for the quantiser
+        working_folder = os.getcwd()
+        os.chdir(folder)  # where ORT's symbolic shape inference leaves sym_shape_infer_temp.onnx when it fails
+        try:
+            quant_pre_process(str(plain_path), str(inferred), skip_optimization=True)  # shapes for the quantiser
+        finally:
+            os.chdir(working_folder)
         quantize_static(str(inferred), str(quantised_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
         quantised = onnx.load(str(quantised_path))
