@@ -79,14 +79,23 @@ class TrainConfig:
     # A two-stage cascade: the network of [model] becomes stage 1 (the liver's box), and a second network is
     # trained on the same patients on crops around the liver (model.crop_margin_mm > 0). Its tables
     # ``model``, ``schedule`` and ``augment`` override this config's for stage 2 alone. Empty: one stage.
+    # ``gate_margins_mm``: with lesion.selection = "inner", the gate margins the inner folds choose from
+    # (runner.select_gate_margin); otherwise [stage2.model] gate_margin_mm holds.
     stage2: dict[str, Any] = field(default_factory=dict)
+
+    def gate_margins_mm(self) -> list[float]:
+        """The gate margins inner folds choose from (empty: none, the card's own margin holds)."""
+        margins = [float(margin) for margin in self.stage2.get("gate_margins_mm", [])]
+        if any(margin < 0 for margin in margins):
+            raise LiverSegInputError(f"[stage2] gate_margins_mm must be 0 or above: {margins}")
+        return margins
 
     def stage2_config(self) -> "TrainConfig":
         """The config that trains a cascade's stage 2: this one with ``stage2``'s overrides, its own output
         folder and weights file."""
-        unknown = set(self.stage2) - {"model", "schedule", "augment"}
+        unknown = set(self.stage2) - {"model", "schedule", "augment", "gate_margins_mm"}
         if unknown:
-            raise LiverSegInputError(f"unknown [stage2] keys: {', '.join(sorted(unknown))} (model, schedule, augment)")
+            raise LiverSegInputError(f"unknown [stage2] keys: {', '.join(sorted(unknown))} (model, schedule, augment, gate_margins_mm)")
         model = {**self.model, **self.stage2.get("model", {})}
         if float(model.get("crop_margin_mm", 0.0)) <= 0:
             raise LiverSegInputError("[stage2.model] crop_margin_mm must be above 0: stage 2 sees the liver's box and a margin")
@@ -188,6 +197,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     config.card()  # validates [model]
     if config.stage2:
         config.stage2_config().card()  # validates [stage2]
+        config.gate_margins_mm()
     if config.lesion.selection not in LESION_SELECTIONS:
         raise LiverSegInputError(f"lesion.selection must be one of {', '.join(LESION_SELECTIONS)}, not '{config.lesion.selection}'")
     return config

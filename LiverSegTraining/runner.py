@@ -21,7 +21,7 @@ from LiverSegLib.model import ModelCard, save_model
 from LiverSegLib.outputs import write_strict_json
 from LiverSegLib.runtime import export_onnx_graph
 from LiverSegLib.geometry import Box
-from LiverSegLib.pipeline import LiverSegmenter, label_map_in_box, voxel_volume_ml
+from LiverSegLib.pipeline import LiverSegmenter, label_map_in_box, stage2_gate, voxel_volume_ml
 from LiverSegLib.postprocessing import LESION, lesion_volumes_ml
 
 from .config import LesionConfig, TrainConfig, expand
@@ -39,9 +39,12 @@ LESION_SELECTION_RULE = (
     "without it gives its lesion probabilities, and every candidate re-thresholds those stored probabilities "
     "through the engine's own label-map step; the candidate with the highest mean lesion Dice over the inner "
     "lesion cases minus `false_lesion_penalty` × the mean number of false lesions per lesion-free inner liver "
-    "wins, ties going to fewer false lesions, then to the threshold nearest the card's and the smaller minimum size"
+    "wins, ties going to fewer false lesions, then to the threshold nearest the card's and the smaller minimum size. "
+    "A cascade with `[stage2] gate_margins_mm` first chooses its gate margin on the same inner folds: the margin "
+    "with the highest mean inner liver Dice, ties going to the card's own margin, then to the wider one; the lesion "
+    "settings are then chosen with that gate"
 )
-LESION_COLUMNS = ("lesion_threshold", "min_lesion_ml", "lesion_chosen_on")  # rows of folds whose settings were chosen
+LESION_COLUMNS = ("lesion_threshold", "min_lesion_ml", "gate_margin_mm", "lesion_chosen_on")  # rows of folds whose settings were chosen
 SUMMARY_KEYS = (
     "liver_dice", "liver_iou", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice",
     "lesion_recall", "lesion_false_count", "lesion_false_ml", "liver_dice_cut_scan",
@@ -156,6 +159,10 @@ class InnerCase:
     truth: np.ndarray  # label map 0/1/2 on the canonical slice grid
     voxel_ml: float
     has_lesions: bool  # labelled lesions present: judged by lesion Dice; otherwise a lesion-free liver
+    # A cascade's stage-1 liver and slices run (SegmentationResult) and the canonical spacing: what its gate needs.
+    stage1_liver: np.ndarray | None = None
+    stage1_slices: np.ndarray | None = None
+    spacing_mm: tuple[float, float, float] | None = None
 
 
 def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool) -> InnerCase:
@@ -164,29 +171,55 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
     result = fit(config, train_cases, val_cases, fold_dir, resume)
     ct, truth = held_out.load()
     segmented = segmenter_of(result, config.device).segment(ct, keep_probabilities=True)
-    canonical_truth = canonical_transform(ct.GetDirection()).to_canonical(truth)
+    transform = canonical_transform(ct.GetDirection())
     has_lesions = held_out.has_lesion_label and bool((truth == LESION).any())
-    return InnerCase(held_out.name, segmented.probabilities, segmented.region, canonical_truth, voxel_volume_ml(ct), has_lesions)
+    return InnerCase(held_out.name, segmented.probabilities, segmented.region, transform.to_canonical(truth), voxel_volume_ml(ct), has_lesions,
+                     segmented.stage1_liver, segmented.stage1_slices, transform.canonical_spacing_mm(ct.GetSpacing()))
+
+
+def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
+    """The engine's label map of an inner case under ``card``'s settings (its gate included), on the whole
+    canonical grid, from the stored outputs."""
+    label_map = np.zeros(case.truth.shape, np.uint8)
+    if case.region is None:
+        return label_map
+    allowed = None
+    if card.stages == 2 and card.stage_card(2).gate_margin_mm > 0 and case.stage1_liver is not None:
+        allowed = stage2_gate(case.stage1_liver, case.stage1_slices, case.region, case.truth.shape, case.spacing_mm, card.stage_card(2).gate_margin_mm)
+    box, in_box = label_map_in_box(case.probabilities, case.region, card, case.voxel_ml, allowed=allowed)
+    label_map[box] = in_box
+    return label_map
 
 
 def candidate_figures(cases: list[InnerCase], card: ModelCard) -> dict[str, float]:
-    """Mean lesion Dice over the lesion cases and mean false lesions per lesion-free liver (every predicted
-    lesion there is false) of ``card``'s lesion settings; 0 where no case of that kind exists."""
-    dices, false_counts = [], []
+    """Mean liver Dice, mean lesion Dice over the lesion cases and mean false lesions per lesion-free liver
+    (every predicted lesion there is false) of ``card``'s settings; 0 where no case of that kind exists."""
+    liver_dices, dices, false_counts = [], [], []
     for case in cases:
-        box, label = (slice(0, 0),) * 3, np.zeros((0, 0, 0), np.uint8)
-        if case.region is not None:
-            box, label = label_map_in_box(case.probabilities, case.region, card, case.voxel_ml)
+        label = inner_label_map(case, card)
+        liver_dices.append(overlap(label >= 1, case.truth >= 1)["dice"])
         if case.has_lesions:
-            predicted = np.zeros(case.truth.shape, bool)
-            predicted[box] = label == LESION
-            dices.append(overlap(predicted, case.truth == LESION)["dice"])
+            dices.append(overlap(label == LESION, case.truth == LESION)["dice"])
         else:
             false_counts.append(len(lesion_volumes_ml(label, case.voxel_ml)))
     return {
+        "mean_liver_dice": float(np.mean(liver_dices)),
         "mean_lesion_dice": float(np.mean(dices)) if dices else 0.0,
         "false_lesions_per_free_liver": float(np.mean(false_counts)) if false_counts else 0.0,
     }
+
+
+def with_gate_margin(card: ModelCard, margin_mm: float) -> ModelCard:
+    return card.with_stage(2, replace(card.stage_card(2), gate_margin_mm=float(margin_mm)))
+
+
+def select_gate_margin(cases: list[InnerCase], card: ModelCard, margins_mm: list[float]) -> dict:
+    """The gate margin of ``margins_mm`` with the highest mean inner liver Dice (ties: the card's own, then
+    the wider: the gate then removes least), with each margin's figure."""
+    own = card.stage_card(2).gate_margin_mm
+    scored = {float(margin): candidate_figures(cases, with_gate_margin(card, margin))["mean_liver_dice"] for margin in margins_mm}
+    best = max(scored, key=lambda margin: (scored[margin], margin == own, margin))
+    return {"gate_margin_mm": best, "mean_liver_dice_by_gate_margin": {f"{margin:g}": dice for margin, dice in scored.items()}}
 
 
 def select_lesion_settings(cases: list[InnerCase], card: ModelCard, grid: LesionConfig) -> dict:
@@ -213,7 +246,15 @@ def choose_lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Pa
     if len(train_cases) < 2:
         raise LiverSegInputError("choosing lesion settings on inner folds needs at least two training patients")
     inner = [inner_case(config, pool, held_out, output_dir / f"inner_{held_out.name}", resume) for held_out in train_cases]
-    chosen = select_lesion_settings(inner, config.card(), config.lesion)
+    card, gate = config.card(), {}
+    if config.stage2:
+        card = card.with_stage(2, config.stage2_config().card())
+        if config.gate_margins_mm():
+            gate = select_gate_margin(inner, card, config.gate_margins_mm())
+            card = with_gate_margin(card, gate["gate_margin_mm"])
+            log.info("gate margin chosen on %s: %g mm (mean inner liver Dice by margin %s)", [c.name for c in inner], gate["gate_margin_mm"],
+                     gate["mean_liver_dice_by_gate_margin"])
+    chosen = {**select_lesion_settings(inner, card, config.lesion), **gate}
     log.info("lesion settings chosen on %s: threshold %.2f, minimum %.2f mL (mean lesion Dice %.3f, %.2f false lesions per lesion-free liver)",
              chosen["chosen_on"], chosen["lesion_threshold"], chosen["min_lesion_ml"], chosen["mean_lesion_dice"], chosen["false_lesions_per_free_liver"])
     return chosen
@@ -228,6 +269,8 @@ def with_lesion_settings(card: ModelCard, settings: dict) -> ModelCard:
     """``card`` carrying the chosen lesion settings (unchanged when none were chosen)."""
     if not settings:
         return card
+    if "gate_margin_mm" in settings:
+        card = with_gate_margin(card, settings["gate_margin_mm"])
     return replace(card, lesion_threshold=settings["lesion_threshold"], min_lesion_ml=settings["min_lesion_ml"])
 
 
@@ -235,7 +278,8 @@ def lesion_columns(settings: dict) -> dict:
     """The chosen settings as a cross-validation row records them (nothing when none were chosen)."""
     if not settings:
         return {}
-    return {"lesion_threshold": settings["lesion_threshold"], "min_lesion_ml": settings["min_lesion_ml"], "lesion_chosen_on": " ".join(settings["chosen_on"])}
+    gate = {"gate_margin_mm": settings["gate_margin_mm"]} if "gate_margin_mm" in settings else {}
+    return {"lesion_threshold": settings["lesion_threshold"], "min_lesion_ml": settings["min_lesion_ml"], **gate, "lesion_chosen_on": " ".join(settings["chosen_on"])}
 
 
 def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], output_dir: Path, evaluation: dict, lesion: dict | None = None) -> Path:
@@ -253,7 +297,8 @@ def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], ou
         "schedule": vars(config.schedule),
     }
     if lesion:
-        card.training["lesion_selection"] = {**lesion, "rule": LESION_SELECTION_RULE, "grid": vars(config.lesion)}
+        grid = {**vars(config.lesion), **({"gate_margins_mm": config.gate_margins_mm()} if "gate_margin_mm" in lesion else {})}
+        card.training["lesion_selection"] = {**lesion, "rule": LESION_SELECTION_RULE, "grid": grid}
     if result.stage2:
         card.training["stage2"] = {
             "epochs": len(result.stage2.history), "best_val_liver_dice_model_grid": result.stage2.best_val_liver_dice,
@@ -450,7 +495,8 @@ def lesion_text(rows: list[dict]) -> str:
     """The paragraph of RESULTS.md on how each fold's lesion settings were chosen (empty when fixed)."""
     if not any("lesion_chosen_on" in row for row in rows):
         return ""
-    return f"Lesion settings per fold (`lesion_threshold`, `min_lesion_ml`, `lesion_chosen_on`): {LESION_SELECTION_RULE}. The outer test patient is never an inner patient.\n\n"
+    gate = ", `gate_margin_mm`" if any("gate_margin_mm" in row for row in rows) else ""
+    return f"Lesion settings per fold (`lesion_threshold`, `min_lesion_ml`{gate}, `lesion_chosen_on`): {LESION_SELECTION_RULE}. The outer test patient is never an inner patient.\n\n"
 
 
 def seed_text(rows: list[dict]) -> str:

@@ -100,6 +100,34 @@ def test_hand_made_probabilities_pick_the_known_best_settings():
     assert (plain["lesion_threshold"], plain["min_lesion_ml"]) == (0.5, 0.0)
 
 
+def test_gate_margin_chosen_by_inner_liver_dice_by_hand():
+    """A 6×12×12 inner case of 1 mm voxels (model grid = slice grid): the true liver is rows and columns 1-5
+    on slices 1-4 (100 voxels), where stage 1 also put it; stage 2 marks it and a larger false blob at rows
+    and columns 7-11 on every slice (150 voxels), 2 pixels away. No gate: the false blob is the largest
+    component (liver Dice 0). A 1 mm gate (stage 1's liver grown by a pixel) keeps the true liver alone
+    (Dice 1); 10 mm lets the blob back in. Between margins that tie, the card's own, then the wider."""
+    import numpy as np
+
+    from LiverSegLib.model import ModelCard
+    from LiverSegTraining.runner import InnerCase, candidate_figures, select_gate_margin, with_gate_margin
+
+    truth = np.zeros((6, 12, 12), np.uint8)
+    truth[1:5, 1:6, 1:6] = 1
+    probabilities = np.zeros((6, 2, 12, 12), np.float32)
+    probabilities[:, 0] = truth * 0.9
+    probabilities[:, 0, 7:12, 7:12] = 0.9
+    whole = (slice(0, 6), slice(0, 12), slice(0, 12))
+    case = InnerCase("hand", probabilities, whole, truth, voxel_ml=0.001, has_lesions=False,
+                     stage1_liver=truth.astype(bool), stage1_slices=np.arange(6), spacing_mm=(1.0, 1.0, 1.0))
+    card = ModelCard(input_size=12).with_stage(2, ModelCard(input_size=12, crop_margin_mm=5.0, gate_margin_mm=3.0))
+    assert candidate_figures([case], with_gate_margin(card, 0.0))["mean_liver_dice"] == 0.0
+    assert candidate_figures([case], with_gate_margin(card, 1.0))["mean_liver_dice"] == 1.0
+    chosen = select_gate_margin([case], card, [0.0, 1.0, 10.0])
+    assert chosen == {"gate_margin_mm": 1.0, "mean_liver_dice_by_gate_margin": {"0": 0.0, "1": 1.0, "10": 0.0}}
+    assert select_gate_margin([case], card, [1.0, 3.0])["gate_margin_mm"] == 3.0  # a tie: the card's own
+    assert select_gate_margin([case], card, [1.0, 1.5])["gate_margin_mm"] == 1.5  # a tie: the wider
+
+
 def _small_expert_cases(data_root, folder):
     """The small weak-label volumes under names the case reader takes for expert labels, so that nested
     cross-validation runs in seconds; small_a gets a 27-voxel lesion inside its liver (a lesion case)."""
@@ -152,6 +180,29 @@ def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_roo
     assert selection["chosen_on"] == names
     assert (card.lesion_threshold, card.min_lesion_ml) == (selection["lesion_threshold"], selection["min_lesion_ml"])
     assert card.lesion_threshold in grid.thresholds and card.min_lesion_ml in grid.min_sizes_ml
+
+
+def test_cascade_gate_margin_chosen_on_inner_folds(data_root, tmp_path):
+    """A cascade with ``[stage2] gate_margins_mm`` under nested cross-validation: the fold that tests small_a
+    chooses its gate margin (and lesion settings) on inner folds over small_b and small_c, records it in its
+    row and RESULTS.md, and is judged with a card that carries it."""
+    from LiverSegLib.errors import LiverSegInputError
+    from LiverSegTraining.runner import crossvalidate, write_results
+
+    _small_expert_cases(data_root, tmp_path / "cases")
+    overrides = tiny_config(tmp_path, data_root, [f"data=[{{layout = 'cases', path = '{tmp_path / 'cases'}'}}]", "split.weak_train=[]",
+                                                  "split.val=[]", "split.exclude=[]", "lesion.selection='inner'",
+                                                  "stage2={model={input_size=64, crop_margin_mm=15.0}, gate_margins_mm=[0.0, 15.0]}"])
+    config = load_config(None, overrides)
+    assert config.gate_margins_mm() == [0.0, 15.0]
+    rows, summary = crossvalidate(config, tmp_path / "cv", folds=["small_a"])
+    assert rows[0]["gate_margin_mm"] in (0.0, 15.0) and rows[0]["lesion_chosen_on"].split() == ["small_b", "small_c"]
+    assert sorted(p.parent.parent.name for p in (tmp_path / "cv" / "fold_small_a").glob("inner_*/stage2/best.pt")) == ["inner_small_b", "inner_small_c"]
+    write_results(rows, summary, tmp_path / "cv" / "RESULTS.md", "test")
+    results = (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
+    assert "`gate_margin_mm`" in results and "| gate_margin_mm |" in results
+    with pytest.raises(LiverSegInputError, match="gate_margins_mm must be 0 or above"):
+        load_config(None, [*overrides[:-1], "stage2={model={input_size=64, crop_margin_mm=15.0}, gate_margins_mm=[-1.0]}"])
 
 
 def test_inner_selection_needs_two_training_patients_and_a_known_mode(data_root, tmp_path):

@@ -147,6 +147,7 @@ def test_config_extends_another(tmp_path):
     stage2 = cascade.stage2_config()
     assert stage2.card().input_size == 224 and stage2.card().crop_margin_mm == 15.0 and stage2.card().encoder == "tu-regnetx_002"
     assert stage2.card().gate_margin_mm == 15.0 and cascade.card().gate_margin_mm == 0.0
+    assert cascade.gate_margins_mm() == [0.0, 5.0, 10.0, 15.0] and cascade.lesion.selection == "inner"
     assert stage2.card().weights_file == "liverseg.stage2.safetensors" and stage2.output_dir == "runs/cascade/stage2"
     (tmp_path / "a.toml").write_text('extends = "b.toml"\n', encoding="utf-8")
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n', encoding="utf-8")

@@ -57,6 +57,10 @@ class SegmentationResult:
     # stage 2's crop for a cascade (None: stage 1 saw no liver, so stage 2 did not run).
     region: Box | None = None
     qc_warnings: list[str] = field(default_factory=list)  # plausibility warnings (qc.py)
+    # A cascade's stage-1 liver (``stage1_liver``) and the slices stage 1 ran, kept with the probabilities:
+    # with them training judges other gate margins (``stage2_gate``) without running the networks again.
+    stage1_liver: np.ndarray | None = None
+    stage1_slices: np.ndarray | None = None
 
 
 def voxel_volume_ml(image: sitk.Image) -> float:
@@ -247,7 +251,7 @@ class LiverSegmenter:
             probabilities, used_device = self._probabilities(1, volume, postprocess, batch_size, _halves(progress, first=True) if cascade and progress else progress)
             slices_run = np.arange(len(volume))
         lap("network")
-        allowed = None
+        allowed, liver = None, None
         if cascade:
             liver = stage1_liver(probabilities, slices_run, self.card)
             region = None
@@ -293,6 +297,8 @@ class LiverSegmenter:
             precision=self.precision,
             probabilities=probabilities if keep_probabilities and region is not None else None,
             region=region,
+            stage1_liver=liver if cascade and keep_probabilities else None,
+            stage1_slices=slices_run if cascade and keep_probabilities else None,
             qc_warnings=qc_warnings(intensities.GetMinimum(), intensities.GetMaximum(), liver_ml, label_canonical),
         )
 
