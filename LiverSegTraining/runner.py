@@ -41,7 +41,8 @@ LESION_SELECTION_RULE = (
     "lesion cases minus `false_lesion_penalty` × the mean number of false lesions per lesion-free inner liver "
     "wins, ties going to fewer false lesions, then to the threshold nearest the card's and the smaller minimum size. "
     "A cascade with `[stage2] gate_margins_mm` first chooses its gate margin on the same inner folds: the margin "
-    "with the highest mean inner liver Dice, ties going to the card's own margin, then to the wider one; the lesion "
+    "with the highest mean liver Dice over the expert-labelled inner patients, ties going to the card's own margin, "
+    "then to the wider one; the lesion "
     "settings are then chosen with that gate"
 )
 LESION_COLUMNS = ("lesion_threshold", "min_lesion_ml", "gate_margin_mm", "lesion_chosen_on")  # rows of folds whose settings were chosen
@@ -163,6 +164,7 @@ class InnerCase:
     stage1_liver: np.ndarray | None = None
     stage1_slices: np.ndarray | None = None
     spacing_mm: tuple[float, float, float] | None = None
+    expert: bool = True  # an expert label: its liver Dice is accuracy (a model-made one's is agreement with a model)
 
 
 def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool) -> InnerCase:
@@ -174,7 +176,7 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
     transform = canonical_transform(ct.GetDirection())
     has_lesions = held_out.has_lesion_label and bool((truth == LESION).any())
     return InnerCase(held_out.name, segmented.probabilities, segmented.region, transform.to_canonical(truth), voxel_volume_ml(ct), has_lesions,
-                     segmented.stage1_liver, segmented.stage1_slices, transform.canonical_spacing_mm(ct.GetSpacing()))
+                     segmented.stage1_liver, segmented.stage1_slices, transform.canonical_spacing_mm(ct.GetSpacing()), held_out.is_expert)
 
 
 def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
@@ -192,18 +194,20 @@ def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
 
 
 def candidate_figures(cases: list[InnerCase], card: ModelCard) -> dict[str, float]:
-    """Mean liver Dice, mean lesion Dice over the lesion cases and mean false lesions per lesion-free liver
-    (every predicted lesion there is false) of ``card``'s settings; 0 where no case of that kind exists."""
+    """Mean liver Dice over the expert-labelled cases, mean lesion Dice over the lesion cases and mean false
+    lesions per lesion-free liver (every predicted lesion there is false) of ``card``'s settings; 0 where no
+    case of that kind exists."""
     liver_dices, dices, false_counts = [], [], []
     for case in cases:
         label = inner_label_map(case, card)
-        liver_dices.append(overlap(label >= 1, case.truth >= 1)["dice"])
+        if case.expert:
+            liver_dices.append(overlap(label >= 1, case.truth >= 1)["dice"])
         if case.has_lesions:
             dices.append(overlap(label == LESION, case.truth == LESION)["dice"])
         else:
             false_counts.append(len(lesion_volumes_ml(label, case.voxel_ml)))
     return {
-        "mean_liver_dice": float(np.mean(liver_dices)),
+        "mean_liver_dice": float(np.mean(liver_dices)) if liver_dices else 0.0,
         "mean_lesion_dice": float(np.mean(dices)) if dices else 0.0,
         "false_lesions_per_free_liver": float(np.mean(false_counts)) if false_counts else 0.0,
     }
@@ -214,8 +218,9 @@ def with_gate_margin(card: ModelCard, margin_mm: float) -> ModelCard:
 
 
 def select_gate_margin(cases: list[InnerCase], card: ModelCard, margins_mm: list[float]) -> dict:
-    """The gate margin of ``margins_mm`` with the highest mean inner liver Dice (ties: the card's own, then
-    the wider: the gate then removes least), with each margin's figure."""
+    """The gate margin of ``margins_mm`` with the highest mean inner liver Dice over the expert-labelled
+    inner cases (ties: the card's own, then the wider: the gate then removes least; without an expert inner
+    case every margin ties), with each margin's figure."""
     own = card.stage_card(2).gate_margin_mm
     scored = {float(margin): candidate_figures(cases, with_gate_margin(card, margin))["mean_liver_dice"] for margin in margins_mm}
     best = max(scored, key=lambda margin: (scored[margin], margin == own, margin))

@@ -124,6 +124,9 @@ def test_gate_margin_chosen_by_inner_liver_dice_by_hand():
     assert candidate_figures([case], with_gate_margin(card, 1.0))["mean_liver_dice"] == 1.0
     chosen = select_gate_margin([case], card, [0.0, 1.0, 10.0])
     assert chosen == {"gate_margin_mm": 1.0, "mean_liver_dice_by_gate_margin": {"0": 0.0, "1": 1.0, "10": 0.0}}
+    model_made = InnerCase("model_made", probabilities, whole, (probabilities[:, 0] >= 0.5).astype(np.uint8), voxel_ml=0.001, has_lesions=False,
+                           stage1_liver=truth.astype(bool), stage1_slices=np.arange(6), spacing_mm=(1.0, 1.0, 1.0), expert=False)
+    assert select_gate_margin([case, model_made], card, [0.0, 1.0, 10.0]) == chosen  # a model-made label's liver is no judge
     assert select_gate_margin([case], card, [1.0, 3.0])["gate_margin_mm"] == 3.0  # a tie: the card's own
     assert select_gate_margin([case], card, [1.0, 1.5])["gate_margin_mm"] == 1.5  # a tie: the wider
 
