@@ -11,6 +11,7 @@ import torch
 
 from LiverSegLib.geometry import canonical_transform
 from LiverSegLib.model import ModelCard
+from LiverSegLib.outputs import atomic_output
 from LiverSegLib.preprocessing import label_crop, prepare_label, prepare_volume, slice_stack
 
 from .augment import AugmentConfig, as_scan_edge, thick_slice_sample
@@ -54,9 +55,10 @@ def prepare_case(case: Case, card: ModelCard, cache_dir: Path | None = None) -> 
         image = torch.from_numpy(prepare_volume(ct_canonical, card.window_hu, card.input_size)).half()
         masks = torch.from_numpy(prepare_label(label_canonical, card.input_size))
         spacing_z_mm = spacing_mm[0]
-        if cache_file is not None:
+        if cache_file is not None:  # atomically: trainings run side by side (folds, seeds) share the cache
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save((image, masks, spacing_z_mm), cache_file)
+            with atomic_output(cache_file, ".pt") as temporary:
+                torch.save((image, masks, spacing_z_mm), temporary)
     return PreparedCase(case.name, image, masks, case.has_lesion_label, weak=not case.is_expert, spacing_z_mm=spacing_z_mm)
 
 

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from LiverSegLib.errors import LiverSegInputError
 from LiverSegLib.geometry import canonical_transform
 from LiverSegLib.model import ModelCard, save_model
-from LiverSegLib.outputs import write_strict_json
+from LiverSegLib.outputs import atomic_output, write_strict_json
 from LiverSegLib.runtime import export_onnx_graph
 from LiverSegLib.geometry import Box
 from LiverSegLib.pipeline import LiverSegmenter, label_map_in_box, stage2_gate, voxel_volume_ml
@@ -345,7 +345,7 @@ def summarise(rows: list[dict]) -> dict[str, float]:
 
 def write_table(rows: list[dict], path_stem: Path) -> None:
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path_stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as stream:
+    with atomic_output(path_stem.with_suffix(".csv"), ".csv") as temporary, open(temporary, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
@@ -561,7 +561,8 @@ Summary: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in 
 {stage1_text(summary)}
 Lesion output: {status}.
 """
-    path.write_text(text, encoding="utf-8")
+    with atomic_output(path, ".md") as temporary:
+        Path(temporary).write_text(text, encoding="utf-8")
 
 
 __all__ = ["choose_lesion_settings", "crossvalidate", "crossvalidate_seeds", "train_final", "evaluate_case", "load_cases", "write_results"]

@@ -208,6 +208,36 @@ def test_cascade_gate_margin_chosen_on_inner_folds(data_root, tmp_path):
         load_config(None, [*overrides[:-1], "stage2={model={input_size=64, crop_margin_mm=15.0}, gate_margins_mm=[-1.0]}"])
 
 
+def test_folds_and_seeds_side_by_side_then_one_resumed_table(data_root, tmp_path):
+    """README's side-by-side recipe: two processes (seeds 0 and 1 of the fold that holds out small_a) train at
+    once on one shared cache; a later run over both seeds with --resume trains nothing again and tables both
+    seeds' rows, each as its own process measured it."""
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT
+
+    _small_expert_cases(data_root, tmp_path / "cases")
+    sets = []
+    for override in tiny_config(tmp_path, data_root, [f"data=[{{layout = 'cases', path = '{tmp_path / 'cases'}'}}]", "split.weak_train=[]",
+                                                      "split.val=[]", "split.exclude=[]"]):
+        sets += ["--set", override]
+    config_path, output = str(PROJECT_ROOT / "LiverSegTraining/configs/bundled.toml"), tmp_path / "cv"
+    script = "import sys; from LiverSegTraining.cli import train_main; raise SystemExit(train_main(sys.argv[1:]))"
+    processes = [subprocess.Popen([sys.executable, "-c", script, config_path, "--crossval", "--seeds", str(seed), "--folds", "small_a",
+                                   "--output", str(output / f"seed_{seed}"), *sets]) for seed in (0, 1)]
+    assert [process.wait(timeout=900) for process in processes] == [0, 0]
+    alone = {seed: read_strict_json(output / f"seed_{seed}" / "crossval.json") for seed in (0, 1)}
+    checkpoints = {path: path.stat().st_mtime_ns for path in output.glob("seed_*/fold_small_a/*.pt")}
+    assert len(checkpoints) == 4
+    assert train_main([config_path, "--crossval", "--seeds", "0,1", "--folds", "small_a", "--resume", "--output", str(output), *sets]) == 0
+    assert {path: path.stat().st_mtime_ns for path in output.glob("seed_*/fold_small_a/*.pt")} == checkpoints  # nothing trained again
+    rows = read_strict_json(output / "crossval.json")
+    assert [(row["seed"], row["case"]) for row in rows] == [(0, "small_a"), (1, "small_a")]
+    assert [row["liver_dice"] for row in rows] == [alone[0][0]["liver_dice"], alone[1][0]["liver_dice"]]
+    assert alone[0][0]["liver_dice"] != alone[1][0]["liver_dice"]  # two trainings, not one twice
+
+
 def test_inner_selection_needs_two_training_patients_and_a_known_mode(data_root, tmp_path):
     import pytest
 
