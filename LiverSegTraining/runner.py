@@ -21,7 +21,7 @@ from LiverSegLib.model import ModelCard, save_model
 from LiverSegLib.outputs import atomic_output, write_strict_json
 from LiverSegLib.runtime import export_onnx_graph
 from LiverSegLib.geometry import Box
-from LiverSegLib.pipeline import LiverSegmenter, label_map_in_box, stage2_gate, voxel_volume_ml
+from LiverSegLib.pipeline import LiverSegmenter, cascade_gate, label_map_in_box, voxel_volume_ml
 from LiverSegLib.postprocessing import LESION, lesion_volumes_ml
 
 from .config import LesionConfig, TrainConfig, expand
@@ -185,9 +185,7 @@ def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
     label_map = np.zeros(case.truth.shape, np.uint8)
     if case.region is None:
         return label_map
-    allowed = None
-    if card.stages == 2 and card.stage_card(2).gate_margin_mm > 0 and case.stage1_liver is not None:
-        allowed = stage2_gate(case.stage1_liver, case.stage1_slices, case.region, case.truth.shape, case.spacing_mm, card.stage_card(2).gate_margin_mm)
+    allowed = cascade_gate(card, case.stage1_liver, case.stage1_slices, case.region, case.truth.shape, case.spacing_mm)
     box, in_box = label_map_in_box(case.probabilities, case.region, card, case.voxel_ml, allowed=allowed)
     label_map[box] = in_box
     return label_map

@@ -152,6 +152,18 @@ def stage2_gate(
     return gate.take(model_rows, axis=1).take(model_cols, axis=2)
 
 
+def cascade_gate(
+    card: ModelCard, liver: np.ndarray | None, slices_run: np.ndarray | None, region: Box, shape: tuple[int, int, int],
+    spacing_mm: tuple[float, float, float],
+) -> np.ndarray | None:
+    """``stage2_gate`` at ``card``'s margin, or None where the card keeps stage 2's output ungated (one
+    stage, a margin of 0, or no stage-1 liver): what the engine applies and training re-applies."""
+    margin_mm = card.stage_card(2).gate_margin_mm if card.stages == 2 else 0.0
+    if margin_mm <= 0 or liver is None or slices_run is None:
+        return None
+    return stage2_gate(liver, slices_run, region, shape, spacing_mm, margin_mm)
+
+
 def stage1_liver_extent(
     run_batch, volume: np.ndarray, card: ModelCard, batch_size: int, progress: ProgressCallback | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -261,8 +273,7 @@ class LiverSegmenter:
                 region = stage2_crop(liver, slices_run, ct_canonical.shape, self.card, spacing_mm)
                 crop_volume = prepare_volume(ct_canonical[region], stage2.window_hu, stage2.input_size)
                 probabilities, used_device = self._probabilities(2, crop_volume, False, batch_size, _halves(progress, first=False) if progress else None)
-                if stage2.gate_margin_mm > 0:
-                    allowed = stage2_gate(liver, slices_run, region, ct_canonical.shape, spacing_mm, stage2.gate_margin_mm)
+                allowed = cascade_gate(self.card, liver, slices_run, region, ct_canonical.shape, spacing_mm)
             lap("stage2")
         voxel_ml = voxel_volume_ml(image)
         label_canonical = np.zeros(ct_canonical.shape, np.uint8)
