@@ -31,6 +31,7 @@ class ScheduleConfig:
     min_lr: float = 1e-5
     weight_decay: float = 1e-4
     liver_fraction: float = 0.7
+    lesion_fraction: float = 0.0  # share of samples drawn from slices with a labelled lesion (before liver_fraction)
     weak_weight: float = 0.5  # loss weight of samples from model-made / semi-automatic labels
 
 

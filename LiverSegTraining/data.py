@@ -34,6 +34,13 @@ class PreparedCase:
     def liver_slices(self) -> torch.Tensor:
         return torch.nonzero(self.masks[:, 0].flatten(1).any(1)).flatten()
 
+    @property
+    def lesion_slices(self) -> torch.Tensor:
+        """Slices showing a labelled lesion (none where lesions are not labelled: a blank there is no evidence)."""
+        if not self.has_lesion_label:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.nonzero(self.masks[:, 1].flatten(1).any(1)).flatten()
+
 
 def prepare_case(case: Case, card: ModelCard, cache_dir: Path | None = None) -> PreparedCase:
     """Read, reorient and preprocess with the engine's own functions; reuse the cache when it matches. For
@@ -63,10 +70,13 @@ def prepare_case(case: Case, card: ModelCard, cache_dir: Path | None = None) -> 
 
 
 class SliceSampler:
-    """Draws slice batches: a fraction from slices showing liver, the rest from any slice.
+    """Draws slice batches: a fraction from slices showing a lesion (``lesion_fraction``, 0 by default),
+    a fraction of the rest from slices showing liver, the rest from any slice.
 
     Liver slices are a third of a CT or less; over-representing them spends the CPU on what matters,
-    while the remaining draws keep the network honest about empty slices. The slice-thickness and
+    while the remaining draws keep the network honest about empty slices. Lesions sit on a few slices of
+    a few patients: drawn as any liver slice they are a small share of the lesion channel's training
+    signal (nnU-Net draws a third of its patches around foreground for the same reason). The slice-thickness and
     scan-edge augmentations (``augment.thickness_probability``, ``augment.edge_probability``) happen here,
     where the whole volume is at hand: a 2D batch holds only the three neighbouring slices, too few to
     resample in z.
@@ -79,20 +89,30 @@ class SliceSampler:
         context_slices: int,
         weak_weight: float = 0.5,
         augment: AugmentConfig | None = None,
+        lesion_fraction: float = 0.0,
     ):
         self.cases = cases
         self.liver_fraction = liver_fraction
+        self.lesion_fraction = lesion_fraction
         self.context_slices = context_slices
         self.weak_weight = weak_weight
         self.augment = augment or AugmentConfig()
         self.all_slices = [(c, z) for c, case in enumerate(cases) for z in range(case.image.shape[0])]
         self.liver_slices = [(c, int(z)) for c, case in enumerate(cases) for z in case.liver_slices]
+        self.lesion_slices = [(c, int(z)) for c, case in enumerate(cases) for z in case.lesion_slices]
+
+    def _pool(self, generator: torch.Generator) -> list[tuple[int, int]]:
+        """The slices the next sample is drawn from. No random number is drawn for lesions when
+        ``lesion_fraction`` is 0, so such configs sample exactly as before it existed."""
+        if self.lesion_fraction > 0 and self.lesion_slices and float(torch.rand(1, generator=generator)) < self.lesion_fraction:
+            return self.lesion_slices
+        return self.liver_slices if self.liver_slices and torch.rand(1, generator=generator) < self.liver_fraction else self.all_slices
 
     def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images (B, C, n, n), masks (B, 2, n, n), channel_mask (B, 2), sample_weight (B,))."""
         picks = []
         for _ in range(size):
-            pool = self.liver_slices if self.liver_slices and torch.rand(1, generator=generator) < self.liver_fraction else self.all_slices
+            pool = self._pool(generator)
             picks.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
         images, masks, channel_mask, weights = [], [], [], []
         for case_index, z in picks:

@@ -258,3 +258,32 @@ def test_sampler_scan_edge_augmentation_on_a_real_case(data_root, tmp_path):
         assert before != after or torch.equal(stored[0], stored[1]) or torch.equal(stored[2], stored[1])
         sides.append(-1 if before else 1)
     assert set(sides) == {-1, 1}
+
+
+def test_sampler_draws_lesion_slices_at_the_lesion_fraction(data_root, tmp_path):
+    """ircad_17 (two labelled lesions) and totalseg_example_sm_MODEL (lesions not labelled): the lesion pool
+    holds ircad_17's lesion slices only. With lesion_fraction 1 every sample shows a lesion; with 0.5 the
+    share drawn from the lesion pool follows the generator's own draws, replayed by hand."""
+    from LiverSegLib.model import ModelCard as Card
+    from LiverSegTraining.data import SliceSampler
+
+    cases = {c.name: c for c in discover("cases", data_root / "cases") if c.name in ("ircad_17", "totalseg_example_sm_MODEL")}
+    lesions = prepare_case(cases["ircad_17"], Card(input_size=64), tmp_path / "cache")
+    unlabelled = prepare_case(cases["totalseg_example_sm_MODEL"], Card(input_size=64), tmp_path / "cache")
+    assert len(unlabelled.lesion_slices) == 0 and 0 < len(lesions.lesion_slices) < len(lesions.liver_slices)
+    expected = sorted(int(z) for z in torch.nonzero(lesions.masks[:, 1].flatten(1).any(1)).flatten())
+    sampler = SliceSampler([unlabelled, lesions], 0.7, 1, lesion_fraction=1.0)
+    assert sampler.lesion_slices == [(1, z) for z in expected]
+    _, masks, _, _ = sampler.batch(16, torch.Generator().manual_seed(0))
+    assert all(bool(mask[1].any()) for mask in masks)
+    half = SliceSampler([unlabelled, lesions], 0.7, 1, lesion_fraction=0.5)
+    generator, replay = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    pools = [half._pool(generator) for _ in range(40)]
+    from_lesions = sum(pool is half.lesion_slices for pool in pools)
+    replayed = 0
+    for _ in range(40):
+        if float(torch.rand(1, generator=replay)) < 0.5:
+            replayed += 1
+        else:
+            torch.rand(1, generator=replay)  # the liver-or-any draw
+    assert from_lesions == replayed and 10 < from_lesions < 30

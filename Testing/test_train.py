@@ -4,6 +4,8 @@ checkpoint kept and the last one restored."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,8 @@ def test_config_extends_another(tmp_path):
     assert stage2.card().input_size == 224 and stage2.card().crop_margin_mm == 15.0 and stage2.card().encoder == "tu-regnetx_002"
     assert stage2.card().gate_margin_mm == 15.0 and cascade.card().gate_margin_mm == 0.0
     assert cascade.gate_margins_mm() == [0.0, 5.0, 10.0, 15.0] and cascade.lesion.selection == "inner"
+    assert stage2.schedule.lesion_fraction == 0.33 and cascade.schedule.lesion_fraction == 0.0
+    assert replace(stage2.schedule, lesion_fraction=0.0) == bundled.schedule  # the rest of the schedule is stage 1's
     assert stage2.card().weights_file == "liverseg.stage2.safetensors" and stage2.output_dir == "runs/cascade/stage2"
     (tmp_path / "a.toml").write_text('extends = "b.toml"\n', encoding="utf-8")
     (tmp_path / "b.toml").write_text('extends = "a.toml"\n', encoding="utf-8")
