@@ -191,21 +191,24 @@ def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
     return label_map
 
 
+def mean_inner_liver_dice(cases: list[InnerCase], card: ModelCard) -> float:
+    """Mean liver Dice of ``card``'s settings over the expert-labelled inner cases (0 without one): what a
+    gate margin is judged by."""
+    dices = [overlap(inner_label_map(case, card) >= 1, case.truth >= 1)["dice"] for case in cases if case.expert]
+    return float(np.mean(dices)) if dices else 0.0
+
+
 def candidate_figures(cases: list[InnerCase], card: ModelCard) -> dict[str, float]:
-    """Mean liver Dice over the expert-labelled cases, mean lesion Dice over the lesion cases and mean false
-    lesions per lesion-free liver (every predicted lesion there is false) of ``card``'s settings; 0 where no
-    case of that kind exists."""
-    liver_dices, dices, false_counts = [], [], []
+    """Mean lesion Dice over the lesion cases and mean false lesions per lesion-free liver (every predicted
+    lesion there is false) of ``card``'s settings; 0 where no case of that kind exists."""
+    dices, false_counts = [], []
     for case in cases:
         label = inner_label_map(case, card)
-        if case.expert:
-            liver_dices.append(overlap(label >= 1, case.truth >= 1)["dice"])
         if case.has_lesions:
             dices.append(overlap(label == LESION, case.truth == LESION)["dice"])
         else:
             false_counts.append(len(lesion_volumes_ml(label, case.voxel_ml)))
     return {
-        "mean_liver_dice": float(np.mean(liver_dices)) if liver_dices else 0.0,
         "mean_lesion_dice": float(np.mean(dices)) if dices else 0.0,
         "false_lesions_per_free_liver": float(np.mean(false_counts)) if false_counts else 0.0,
     }
@@ -220,7 +223,7 @@ def select_gate_margin(cases: list[InnerCase], card: ModelCard, margins_mm: list
     inner cases (ties: the card's own, then the wider: the gate then removes least; without an expert inner
     case every margin ties), with each margin's figure."""
     own = card.stage_card(2).gate_margin_mm
-    scored = {float(margin): candidate_figures(cases, with_gate_margin(card, margin))["mean_liver_dice"] for margin in margins_mm}
+    scored = {float(margin): mean_inner_liver_dice(cases, with_gate_margin(card, margin)) for margin in margins_mm}
     best = max(scored, key=lambda margin: (scored[margin], margin == own, margin))
     return {"gate_margin_mm": best, "mean_liver_dice_by_gate_margin": {f"{margin:g}": dice for margin, dice in scored.items()}}
 
@@ -269,7 +272,8 @@ def lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Path, res
 
 
 def with_lesion_settings(card: ModelCard, settings: dict) -> ModelCard:
-    """``card`` carrying the chosen lesion settings (unchanged when none were chosen)."""
+    """``card`` carrying the chosen lesion settings and, for a cascade whose margin was chosen, gate margin
+    (unchanged when none were chosen)."""
     if not settings:
         return card
     if "gate_margin_mm" in settings:

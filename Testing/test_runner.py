@@ -109,7 +109,7 @@ def test_gate_margin_chosen_by_inner_liver_dice_by_hand():
     import numpy as np
 
     from LiverSegLib.model import ModelCard
-    from LiverSegTraining.runner import InnerCase, candidate_figures, select_gate_margin, with_gate_margin
+    from LiverSegTraining.runner import InnerCase, mean_inner_liver_dice, select_gate_margin, with_gate_margin
 
     truth = np.zeros((6, 12, 12), np.uint8)
     truth[1:5, 1:6, 1:6] = 1
@@ -120,8 +120,8 @@ def test_gate_margin_chosen_by_inner_liver_dice_by_hand():
     case = InnerCase("hand", probabilities, whole, truth, voxel_ml=0.001, has_lesions=False,
                      stage1_liver=truth.astype(bool), stage1_slices=np.arange(6), spacing_mm=(1.0, 1.0, 1.0))
     card = ModelCard(input_size=12).with_stage(2, ModelCard(input_size=12, crop_margin_mm=5.0, gate_margin_mm=3.0))
-    assert candidate_figures([case], with_gate_margin(card, 0.0))["mean_liver_dice"] == 0.0
-    assert candidate_figures([case], with_gate_margin(card, 1.0))["mean_liver_dice"] == 1.0
+    assert mean_inner_liver_dice([case], with_gate_margin(card, 0.0)) == 0.0
+    assert mean_inner_liver_dice([case], with_gate_margin(card, 1.0)) == 1.0
     chosen = select_gate_margin([case], card, [0.0, 1.0, 10.0])
     assert chosen == {"gate_margin_mm": 1.0, "mean_liver_dice_by_gate_margin": {"0": 0.0, "1": 1.0, "10": 0.0}}
     model_made = InnerCase("model_made", probabilities, whole, (probabilities[:, 0] >= 0.5).astype(np.uint8), voxel_ml=0.001, has_lesions=False,
