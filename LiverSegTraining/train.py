@@ -175,6 +175,21 @@ def restore(state: TrainingState, output_dir: Path) -> bool:
     return True
 
 
+def optimisation_step(
+    state: TrainingState, config: TrainConfig, images: torch.Tensor, masks: torch.Tensor, channel_mask: torch.Tensor, weight: torch.Tensor, counts: OverlapCounts
+) -> float:
+    """One AdamW step on an augmented batch (on the device), the LR stepped after it; returns the loss and
+    adds the batch's predictions (as trained on, before the step) to ``counts``."""
+    logits = state.network(images)
+    loss, _ = combined_loss(logits, masks, (channel_mask * weight[:, None]).to(state.device), config.loss)
+    counts.add(logits.detach(), masks, channel_mask.to(state.device), state.card.threshold)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    return float(loss.detach())
+
+
 def train_steps(state: TrainingState, config: TrainConfig) -> tuple[float, OverlapCounts]:
     """One epoch of optimisation: ``steps_per_epoch`` augmented batches, the LR stepped after each.
 
@@ -184,16 +199,10 @@ def train_steps(state: TrainingState, config: TrainConfig) -> tuple[float, Overl
     losses, counts = [], OverlapCounts()
     for _ in range(config.schedule.steps_per_epoch):
         images, masks, channel_mask, weight = state.sampler.batch(config.schedule.batch_size, state.generator)
-        images, masks = augment_batch(images, masks, config.augment, state.generator, state.card.window_hu)
-        logits = state.network(images.to(state.device))
-        masks = masks.to(state.device)
-        loss, _ = combined_loss(logits, masks, (channel_mask * weight[:, None]).to(state.device), config.loss)
-        counts.add(logits.detach(), masks, channel_mask.to(state.device), state.card.threshold)
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
-        state.scheduler.step()
-        losses.append(float(loss.detach()))
+        # Augmented where the network runs: on a GPU, resampling a batch and drawing its noise on the CPU
+        # takes longer than the network's step (benchmarks/training_step.py).
+        images, masks = augment_batch(images.to(state.device), masks.to(state.device), config.augment, state.generator, state.card.window_hu)
+        losses.append(optimisation_step(state, config, images, masks, channel_mask, weight, counts))
     return float(np.mean(losses)), counts
 
 

@@ -96,3 +96,34 @@ def test_default_cuda_batch_is_the_measured_fastest_when_memory_allows():
     assert 1 <= batch <= CUDA_MAX_BATCH
     if free_bytes > 8 * 2**30:  # far more than 64 slices need (peak memory by batch: benchmarks/README.md)
         assert batch == CUDA_MAX_BATCH
+
+
+def test_augmentation_on_the_gpu_is_the_cpu_geometry_with_seeded_noise(data_root):
+    """Training augments where the network runs (``train.train_steps``): on the GPU the same resampling as
+    on the CPU for the same generator, and per-pixel noise that comes from the seed alone."""
+    from LiverSegLib.preprocessing import prepare_label, slice_stack
+    from LiverSegTraining.augment import AugmentConfig, augment_batch
+
+    ct, label = read_case(data_root, "ircad_17")
+    window_hu = (-200.0, 300.0)
+    volume = torch.from_numpy(prepare_volume(sitk.GetArrayFromImage(ct), window_hu, 128)).float()
+    masks = torch.from_numpy(prepare_label(sitk.GetArrayFromImage(label), 128)).float()
+    liver_slices = torch.nonzero(masks[:, 0].flatten(1).any(1)).flatten()[::8][:8].tolist()
+    images, masks = slice_stack(volume, liver_slices, 1).float(), masks[liver_slices]
+    quiet = AugmentConfig(noise_std=0.0, fov_probability=0.5)
+    on_cpu = augment_batch(images, masks, quiet, torch.Generator().manual_seed(1), window_hu)
+    on_gpu = augment_batch(images.cuda(), masks.cuda(), quiet, torch.Generator().manual_seed(1), window_hu)
+    assert torch.allclose(on_cpu[0], on_gpu[0].cpu(), atol=1e-3)
+    assert (on_cpu[1] == on_gpu[1].cpu()).float().mean() > 0.999  # a pixel right at one half may round either way
+
+    # no geometry, flips or intensity changes: what is left is the two noises (10 HU in the 500 HU window
+    # is 0.02, the fixed noise 0.02: together a std of 0.028 where nothing clips)
+    noisy = AugmentConfig(probability=0.0, crop_probability=0.0, flip_z_probability=0.0, contrast=(1.0, 1.0), brightness=0.0,
+                          gamma=(1.0, 1.0), noise_std=0.02, noise_hu=(10.0, 10.0))
+    first = augment_batch(images.cuda(), masks.cuda(), noisy, torch.Generator().manual_seed(2), window_hu)[0]
+    again = augment_batch(images.cuda(), masks.cuda(), noisy, torch.Generator().manual_seed(2), window_hu)[0]
+    other = augment_batch(images.cuda(), masks.cuda(), noisy, torch.Generator().manual_seed(3), window_hu)[0]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    clean = images.cuda()
+    difference = (first - clean)[(clean > 0.2) & (clean < 0.8)]
+    assert 0.025 < float(difference.std()) < 0.031
