@@ -66,9 +66,9 @@ class OverlapCounts:
     its voxels; a sample whose label lacks a channel (no lesion label) is left out of that channel.
     """
 
-    intersection: np.ndarray = field(default_factory=lambda: np.zeros(2))
-    predicted: np.ndarray = field(default_factory=lambda: np.zeros(2))
-    actual: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    # (intersection, predicted, actual) × (liver, lesion), kept where the batches are: reading them back
+    # after every step would make the CPU wait for the GPU each step instead of drawing the next batch.
+    totals: torch.Tensor | None = None
 
     def add(self, logits: torch.Tensor, masks: torch.Tensor, channel_mask: torch.Tensor, threshold: float) -> None:
         """Count one batch: ``logits`` and ``masks`` (B, 2, n, n), ``channel_mask`` (B, 2) with 1 where labelled."""
@@ -76,14 +76,16 @@ class OverlapCounts:
             labelled = (channel_mask > 0)[:, :, None, None]
             predicted = (torch.sigmoid(logits) >= threshold) & labelled
             actual = (masks > 0.5) & labelled
-            self.intersection += (predicted & actual).sum((0, 2, 3)).cpu().numpy()
-            self.predicted += predicted.sum((0, 2, 3)).cpu().numpy()
-            self.actual += actual.sum((0, 2, 3)).cpu().numpy()
+            batch = torch.stack([(predicted & actual).sum((0, 2, 3)), predicted.sum((0, 2, 3)), actual.sum((0, 2, 3))])
+            self.totals = batch if self.totals is None else self.totals + batch
 
     def dice(self) -> tuple[float, float]:
         """(liver, lesion) Dice; NaN for a channel with neither predicted nor labelled voxels (nothing measured)."""
-        total = self.predicted + self.actual
-        return tuple(float(2 * i / t) if t > 0 else NAN for i, t in zip(self.intersection, total))  # type: ignore[return-value]
+        if self.totals is None:
+            return NAN, NAN
+        intersection, predicted, actual = self.totals.cpu().double().numpy()
+        total = predicted + actual
+        return tuple(float(2 * i / t) if t > 0 else NAN for i, t in zip(intersection, total))  # type: ignore[return-value]
 
 
 def validate(network: torch.nn.Module, cases: list[PreparedCase], card: ModelCard, device: torch.device) -> tuple[float, float]:
@@ -177,9 +179,10 @@ def restore(state: TrainingState, output_dir: Path) -> bool:
 
 def optimisation_step(
     state: TrainingState, config: TrainConfig, images: torch.Tensor, masks: torch.Tensor, channel_mask: torch.Tensor, weight: torch.Tensor, counts: OverlapCounts
-) -> float:
-    """One AdamW step on an augmented batch (on the device), the LR stepped after it; returns the loss and
-    adds the batch's predictions (as trained on, before the step) to ``counts``."""
+) -> torch.Tensor:
+    """One AdamW step on an augmented batch (on the device), the LR stepped after it; returns the loss (a
+    tensor where the network runs: read back once an epoch) and adds the batch's predictions (as trained
+    on, before the step) to ``counts``."""
     logits = state.network(images)
     loss, _ = combined_loss(logits, masks, (channel_mask * weight[:, None]).to(state.device), config.loss)
     counts.add(logits.detach(), masks, channel_mask.to(state.device), state.card.threshold)
@@ -187,7 +190,7 @@ def optimisation_step(
     loss.backward()
     state.optimizer.step()
     state.scheduler.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def train_steps(state: TrainingState, config: TrainConfig) -> tuple[float, OverlapCounts]:
@@ -203,7 +206,7 @@ def train_steps(state: TrainingState, config: TrainConfig) -> tuple[float, Overl
         # takes longer than the network's step (benchmarks/training_step.py).
         images, masks = augment_batch(images.to(state.device), masks.to(state.device), config.augment, state.generator, state.card.window_hu)
         losses.append(optimisation_step(state, config, images, masks, channel_mask, weight, counts))
-    return float(np.mean(losses)), counts
+    return float(torch.stack(losses).double().mean()), counts
 
 
 def run_epoch(state: TrainingState, config: TrainConfig, val_cases: list[PreparedCase]) -> EpochRecord:

@@ -165,3 +165,22 @@ def test_config_extends_another(tmp_path):
     (tmp_path / "d.toml").write_text('extends = "bundled.toml"\n[model]\ngate_margin_mm = 10.0\n', encoding="utf-8")
     with pytest.raises(LiverSegInputError, match="gate_margin_mm is a cascade's stage-2 setting"):
         load_config(tmp_path / "d.toml").card()
+
+
+def test_training_dice_pools_voxels_over_batches_by_hand():
+    """The epoch's training Dice (``OverlapCounts``): voxels pooled over batches, a sample without a lesion
+    label left out of the lesion channel, NaN where nothing was predicted or labelled."""
+    from LiverSegTraining.train import OverlapCounts
+
+    counts = OverlapCounts()
+    assert np.isnan(counts.dice()).all()
+    # batch 1: one 2×2 sample; liver predicted on 3 pixels, 2 of them labelled (3 labelled); lesion 1 of 1
+    logits = torch.tensor([[[[5.0, 5.0], [5.0, -5.0]], [[5.0, -5.0], [-5.0, -5.0]]]])
+    masks = torch.tensor([[[[1.0, 1.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 0.0]]]])
+    counts.add(logits, masks, torch.tensor([[1.0, 1.0]]), 0.5)
+    # batch 2: liver predicted everywhere (4), labelled on 1; its lesion channel unlabelled, so a predicted
+    # lesion there counts nowhere
+    counts.add(torch.full((1, 2, 2, 2), 5.0), torch.tensor([[[[1.0, 0.0], [0.0, 0.0]], [[0.0] * 2] * 2]]), torch.tensor([[1.0, 0.0]]), 0.5)
+    liver, lesion = counts.dice()
+    assert liver == pytest.approx(2 * (2 + 1) / ((3 + 4) + (3 + 1)))
+    assert lesion == pytest.approx(1.0)
