@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from LiverSegLib.errors import LiverSegInputError
-from LiverSegLib.model import ModelCard
+from LiverSegLib.errors import LiverSegInputError, ModelIntegrityError
+from LiverSegLib.model import ModelCard, check_lesion_rule
 
 from .augment import AugmentConfig
 from .losses import LossWeights
@@ -108,7 +108,7 @@ class TrainConfig:
         )
 
     def card(self) -> ModelCard:
-        allowed = {"architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "threshold", "lesion_threshold", "min_lesion_ml", "crop_margin_mm", "gate_margin_mm"}
+        allowed = {"architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "threshold", "lesion_threshold", "min_lesion_ml", "lesion_rule", "crop_margin_mm", "gate_margin_mm"}
         unknown = set(self.model) - allowed
         if unknown:
             raise LiverSegInputError(f"unknown [model] keys: {', '.join(sorted(unknown))}")
@@ -117,6 +117,10 @@ class TrainConfig:
         card.window_hu = tuple(card.window_hu)  # type: ignore[assignment]
         if card.crop_margin_mm > 0:
             card.weights_file = STAGE2_WEIGHTS_FILE
+        try:
+            check_lesion_rule(card.lesion_rule)
+        except ModelIntegrityError as error:
+            raise LiverSegInputError(f"[model] {error}") from None
         if card.gate_margin_mm < 0 or (card.gate_margin_mm > 0 and card.crop_margin_mm <= 0):
             raise LiverSegInputError("gate_margin_mm is a cascade's stage-2 setting ([stage2.model]), 0 or above")
         return card

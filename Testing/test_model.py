@@ -89,3 +89,41 @@ def test_cards_without_lesion_settings_use_the_card_threshold_and_keep_every_les
     tuned = ModelCard.from_dict({**data, "lesion_threshold": 0.7, "min_lesion_ml": 0.5})
     assert tuned.channel_thresholds() == (tuned.threshold, 0.7) and tuned.min_lesion_ml == 0.5
     assert read_card(BUNDLED_CARD).channel_thresholds() == (read_card(BUNDLED_CARD).threshold,) * 2
+
+
+@pytest.mark.parametrize(
+    "rule, problem",
+    [({"sigma_mm": 1.5, "erode_mm": 5.0}, "needs exactly"),
+     ({"sigma_mm": 1.5, "erode_mm": 5.0, "k_mad": 3.0, "extra": 1.0}, "needs exactly"),
+     ({"sigma_mm": 1.5, "erode_mm": -1.0, "k_mad": 3.0}, "numbers of 0 or more"),
+     ({"sigma_mm": 1.5, "erode_mm": 5.0, "k_mad": 0.0}, "k_mad above 0"),
+     ({"sigma_mm": "wide", "erode_mm": 5.0, "k_mad": 3.0}, "numbers of 0 or more")],
+)
+def test_card_lesion_rule_is_checked_when_read(rule, problem):
+    data = json.loads(BUNDLED_CARD.read_text(encoding="utf-8"))
+    with pytest.raises(ModelIntegrityError, match=problem):
+        ModelCard.from_dict({**data, "lesion_rule": rule})
+
+
+def test_a_card_with_a_lesion_rule_keeps_the_organ_and_takes_its_lesions_from_the_ct(data_root, tmp_path, model_cache):
+    """A card of one's own with a ``lesion_rule`` beside the bundled weights: the same organ (label ≥ 1) as the
+    bundled card, lesions only inside it, and exactly the voxels the rule marks in that organ."""
+    from LiverSegLib.geometry import canonical_transform
+    from LiverSegLib.pipeline import LiverSegmenter
+    from LiverSegLib.postprocessing import darker_than_liver, label_components
+
+    for name in ("liverseg.safetensors", "liverseg.onnx", "liverseg.int8.onnx"):
+        (tmp_path / name).symlink_to(BUNDLED_CARD.parent / name)
+    rule = {"sigma_mm": 1.5, "erode_mm": 5.0, "k_mad": 3.0}
+    data = json.loads(BUNDLED_CARD.read_text(encoding="utf-8"))
+    (tmp_path / "card.json").write_text(json.dumps({**data, "lesion_rule": rule}), encoding="utf-8")
+    ct = read_case(data_root, "ircad_17")[0]
+    plain = sitk.GetArrayFromImage(LiverSegmenter(device="cpu").segment(ct).label_image)
+    result = LiverSegmenter(tmp_path / "card.json", device="cpu").segment(ct)
+    ruled = sitk.GetArrayFromImage(result.label_image)
+    assert np.array_equal(plain >= 1, ruled >= 1)
+    transform = canonical_transform(ct.GetDirection())
+    organ = transform.to_canonical(ruled >= 1)
+    expected = darker_than_liver(transform.to_canonical(sitk.GetArrayFromImage(ct)), organ, transform.canonical_spacing_mm(ct.GetSpacing()), **rule)
+    assert np.array_equal(transform.to_canonical(ruled == 2), expected)
+    assert np.count_nonzero(expected) > 0 and result.lesion_count == label_components(expected, fully_connected=True)[1]  # the report counts them

@@ -187,3 +187,91 @@ def test_diagonal_lesion_voxels_are_one_component_for_the_size_bar():
 def test_no_minimum_size_leaves_the_label_map_as_before():
     liver, lesion = _liver_with_two_lesions()
     assert np.array_equal(compose_label_map(liver, lesion, min_lesion_ml=0.0, voxel_ml=0.1), compose_label_map(liver, lesion))
+
+
+def _checkered_liver_with_a_dark_block() -> tuple[np.ndarray, np.ndarray, tuple[slice, ...]]:
+    """A 20 mm cube of liver (1 mm voxels) at 95 and 105 HU in a checkerboard, with a 6 mm block at 40 HU
+    on its edge: 216 dark voxels, 3892 at 95, 3892 at 105. By hand: the median is 95 (the 4000th and
+    4001st values), the absolute deviations are 55 (216), 0 (3892) and 10 (3892), so the MAD is 10 and
+    the robust spread 14.826."""
+    ct = np.full((24, 24, 24), -100.0, np.float32)
+    liver = np.zeros(ct.shape, bool)
+    liver[2:22, 2:22, 2:22] = True
+    z, y, x = np.indices(ct.shape)
+    ct[liver] = np.where((z + y + x) % 2 == 0, 95.0, 105.0)[liver]
+    block = (slice(9, 15), slice(9, 15), slice(2, 8))  # touches the cube's face at x = 2
+    ct[block] = 40.0
+    return ct, liver, block
+
+
+@pytest.mark.parametrize(
+    "k_mad, erode_mm, kept_columns",
+    [(2.0, 0.0, slice(2, 8)),  # 95 − 2 × 14.826 = 65.3: the block, nothing else
+     (4.0, 0.0, None),  # 95 − 4 × 14.826 = 35.7: not even the block
+     (2.0, 3.0, slice(5, 8))],  # column 2 lies 1 mm from the outside voxel next to it, 5, 6 and 7 lie 4, 5 and 6 mm from it
+)
+def test_darker_than_liver_by_hand(k_mad, erode_mm, kept_columns):
+    from LiverSegLib.postprocessing import darker_than_liver
+
+    ct, liver, block = _checkered_liver_with_a_dark_block()
+    expected = np.zeros(ct.shape, bool)
+    if kept_columns is not None:
+        expected[block[0], block[1], kept_columns] = True
+    found = darker_than_liver(ct, liver, (1.0, 1.0, 1.0), sigma_mm=0.0, erode_mm=erode_mm, k_mad=k_mad)
+    assert np.array_equal(found, expected)
+
+
+def test_the_lesion_rule_replaces_the_networks_lesions_in_a_box_and_keeps_the_size_bar():
+    """``mark_darker_lesions`` on a label map of part of a volume: a lesion the network drew elsewhere is
+    liver again, the dark block is the lesion, and a size bar above its 0.216 mL makes it liver too."""
+    from LiverSegLib.postprocessing import mark_darker_lesions
+
+    ct, liver, block = _checkered_liver_with_a_dark_block()
+    box = (slice(1, 23), slice(1, 23), slice(1, 23))
+    rule = {"sigma_mm": 0.0, "erode_mm": 0.0, "k_mad": 2.0}
+    for min_lesion_ml, lesion_voxels in ((0.0, 216), (0.2, 216), (0.3, 0)):
+        label_map = liver[box].astype(np.uint8)
+        label_map[15:18, 15:18, 15:18] = 2  # the network's lesion, where the CT is plain liver
+        mark_darker_lesions(label_map, box, ct, (1.0, 1.0, 1.0), rule, min_lesion_ml, voxel_ml=0.001)
+        assert np.count_nonzero(label_map == 2) == lesion_voxels
+        assert np.count_nonzero(label_map >= 1) == 8000  # the organ is untouched
+        if lesion_voxels:
+            assert np.all(label_map[tuple(slice(s.start - 1, s.stop - 1) for s in block)] == 2)
+
+
+def test_itk_distance_inside_a_real_liver_equals_scipys(data_root):
+    """``distance_to_outside_mm`` (ITK's Maurer transform) against scipy's exact EDT on ircad_17's liver
+    with its anisotropic voxels (0.74 × 0.74 × 1.6 mm), in the liver's box with a margin."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from LiverSegLib.geometry import bounding_box
+    from LiverSegLib.postprocessing import distance_to_outside_mm
+
+    label = sitk.ReadImage(str(data_root / "cases" / "ircad_17" / "label.nii.gz"))
+    liver = sitk.GetArrayFromImage(label) >= 1
+    liver = liver[bounding_box(liver, margin=2)]
+    spacing_mm = tuple(reversed(label.GetSpacing()))
+    expected = ndimage.distance_transform_edt(liver, sampling=spacing_mm)
+    assert np.allclose(distance_to_outside_mm(liver, spacing_mm), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("case, lesion_dice_above", [("ircad_01", 0.6), ("ircad_17", 0.5)])
+def test_the_lesion_rule_inside_an_expert_liver_finds_its_lesions(data_root, case, lesion_dice_above):
+    """The rule that the folds holding out ``ircad_01`` and ``ircad_17`` chose on the other patients
+    (LiverSegTraining/RESULTS.md), inside the expert liver: lesion Dice above the bar, no false lesion."""
+    import SimpleITK as sitk
+
+    from LiverSegTraining.metrics import lesion_detection
+    from LiverSegLib.postprocessing import mark_darker_lesions
+
+    ct = sitk.ReadImage(str(data_root / "cases" / case / "ct.nii.gz"))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data_root / "cases" / case / "label.nii.gz")))
+    label_map = truth.copy()
+    voxel_ml = float(np.prod(ct.GetSpacing())) / 1000
+    whole = tuple(slice(0, n) for n in truth.shape)
+    mark_darker_lesions(label_map, whole, sitk.GetArrayFromImage(ct), tuple(reversed(ct.GetSpacing())),
+                        {"sigma_mm": 1.5, "erode_mm": 5.0, "k_mad": 3.0}, 0.5, voxel_ml)
+    found, lesions = label_map == 2, truth == 2
+    assert 2 * np.count_nonzero(found & lesions) / (np.count_nonzero(found) + np.count_nonzero(lesions)) > lesion_dice_above
+    assert lesion_detection(found, lesions, voxel_ml)["lesion_false_count"] == 0

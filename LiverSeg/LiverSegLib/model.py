@@ -40,6 +40,11 @@ class ModelCard:
     # only (LiverSegTraining/runner.py, choose_lesion_settings); a card without them behaves as before.
     lesion_threshold: float | None = None
     min_lesion_ml: float = 0.0
+    # Empty: lesions are the network's lesion channel. Otherwise {"sigma_mm", "erode_mm", "k_mad"}: lesions are
+    # the part of the cleaned liver darker than the liver itself (postprocessing.darker_than_liver), the
+    # network's lesion channel counting as liver; ``min_lesion_ml`` still applies. Chosen like the other
+    # lesion settings, on training patients only.
+    lesion_rule: dict[str, float] = field(default_factory=dict)
     lesions_validated: bool = False
     weights_file: str = "liverseg.safetensors"
     weights_sha256: str = ""
@@ -126,7 +131,20 @@ class ModelCard:
         card.channels = tuple(card.channels)
         if card.stage2:
             card.stage_card(2)  # refuses unknown stage-2 fields when the card is read
+        check_lesion_rule(card.lesion_rule)
         return card
+
+
+def check_lesion_rule(rule: dict[str, Any]) -> None:
+    """A card's ``lesion_rule`` is empty or has exactly ``LESION_RULE_KEYS``, numbers, ``k_mad`` above 0."""
+    from .postprocessing import LESION_RULE_KEYS
+
+    if not rule:
+        return
+    if set(rule) != set(LESION_RULE_KEYS):
+        raise ModelIntegrityError(f"model card's lesion_rule needs exactly {', '.join(LESION_RULE_KEYS)}, not {', '.join(sorted(rule))}")
+    if any(isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 for value in rule.values()) or rule["k_mad"] <= 0:
+        raise ModelIntegrityError(f"model card's lesion_rule needs numbers of 0 or more (k_mad above 0): {rule}")
 
 
 # What a cascade's card keeps of its stage-2 network's card (everything that builds, verifies and runs it).

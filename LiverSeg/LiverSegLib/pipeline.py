@@ -27,7 +27,7 @@ from .inference import (
     torch_runner,
 )
 from .model import BUNDLED_CARD, ModelCard
-from .postprocessing import LIVER, compose_label_map, largest_component, lesion_volumes_ml
+from .postprocessing import LIVER, compose_label_map, largest_component, lesion_volumes_ml, mark_darker_lesions
 from .preprocessing import SliceGrid, liver_crop, prepare_volume
 from .qc import qc_warnings
 from .runtime import load_runtime_networks
@@ -73,13 +73,15 @@ def whole_volume(shape: tuple[int, ...]) -> Box:
 
 def label_map_in_box(
     probabilities: np.ndarray, region: Box, card: ModelCard, voxel_ml: float, lesions: bool = True, postprocess: bool = True,
-    allowed: np.ndarray | None = None,
+    allowed: np.ndarray | None = None, ct_canonical: np.ndarray | None = None, spacing_mm: tuple[float, float, float] | None = None,
 ) -> tuple[Box, np.ndarray]:
     """(box, label map inside it) of the canonical volume from the network's (Z, channels, n, n) probabilities
     over ``region`` of it (the whole volume, or a cascade's stage-2 crop), with the card's thresholds (the
     lesion channel's own) and minimum lesion size: the one place a label map is made, so the engine and the
     choice of lesion settings in training agree voxel for voxel. ``allowed``: a bool array over ``region``
-    outside which no channel is kept (a cascade's ``stage2_gate``), applied before the clean-up.
+    outside which no channel is kept (a cascade's ``stage2_gate``), applied before the clean-up. A card with a
+    ``lesion_rule`` takes its lesions from the canonical CT (``ct_canonical``, HU, with ``spacing_mm``) inside
+    the cleaned liver instead (``postprocessing.mark_darker_lesions``).
 
     Upsampling and clean-up run inside the box where some channel can reach its threshold (the liver's, a
     fraction of the CT): the label map is the same as on the whole grid (tested), since connectivity and
@@ -90,8 +92,15 @@ def label_map_in_box(
     if allowed is not None:
         masks &= allowed[box_depths, box_rows, box_cols][:, None]
     liver, lesion = masks[:, 0], (masks[:, 1] if lesions else None)
+    rule = card.lesion_rule if lesions else {}
+    if rule:  # the network's lesions are organ for the clean-up; the lesions come from the CT afterwards
+        if ct_canonical is None or spacing_mm is None:
+            raise ValueError("a card with a lesion_rule needs the canonical CT and its spacing")
+        liver, lesion = liver | lesion, None
     label_map = compose_label_map(liver, lesion, keep_largest=postprocess, fill=postprocess, min_lesion_ml=card.min_lesion_ml, voxel_ml=voxel_ml)
     box = tuple(slice(outer.start + inner.start, outer.start + inner.stop) for outer, inner in zip(region, (box_depths, box_rows, box_cols)))
+    if rule:
+        mark_darker_lesions(label_map, box, ct_canonical, spacing_mm, rule, card.min_lesion_ml, voxel_ml)
     return box, label_map
 
 
@@ -254,6 +263,7 @@ class LiverSegmenter:
         volume = prepare_volume(ct_canonical, self.card.window_hu, self.card.input_size)
         lap("preprocess")
         cascade = self.card.stages == 2
+        spacing_mm = transform.canonical_spacing_mm(image.GetSpacing())
         region: Box | None = whole_volume(ct_canonical.shape)
         if cascade and self.device == "cpu":  # on a GPU every slice costs little: stage 1 runs them all
             run_batch = self.network if self.runtime == "onnxruntime" else torch_runner(self.network)
@@ -268,7 +278,6 @@ class LiverSegmenter:
             liver = stage1_liver(probabilities, slices_run, self.card)
             region = None
             if liver is not None:
-                spacing_mm = transform.canonical_spacing_mm(image.GetSpacing())
                 stage2 = self.card.stage_card(2)
                 region = stage2_crop(liver, slices_run, ct_canonical.shape, self.card, spacing_mm)
                 crop_volume = prepare_volume(ct_canonical[region], stage2.window_hu, stage2.input_size)
@@ -279,7 +288,7 @@ class LiverSegmenter:
         label_canonical = np.zeros(ct_canonical.shape, np.uint8)
         label_in_box = label_canonical[:0]
         if region is not None:
-            box, label_in_box = label_map_in_box(probabilities, region, self.card, voxel_ml, lesions, postprocess, allowed)
+            box, label_in_box = label_map_in_box(probabilities, region, self.card, voxel_ml, lesions, postprocess, allowed, ct_canonical, spacing_mm)
             label_canonical[box] = label_in_box
         lap("postprocess")
         label_image = sitk.GetImageFromArray(np.ascontiguousarray(transform.from_canonical(label_canonical)))

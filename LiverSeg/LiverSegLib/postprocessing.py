@@ -6,9 +6,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .geometry import bounding_box
+from .geometry import Box, bounding_box, grow_box
 
 LIVER, LESION = 1, 2
+# A model card's ``lesion_rule``: lesions as the part of the liver darker than the liver (darker_than_liver).
+LESION_RULE_KEYS = ("sigma_mm", "erode_mm", "k_mad")
 
 
 def label_components(mask: np.ndarray, fully_connected: bool) -> tuple[np.ndarray, int]:
@@ -62,6 +64,60 @@ def drop_small_lesions(label_map: np.ndarray, min_lesion_ml: float, voxel_ml: fl
     small = np.bincount(components.ravel()) * voxel_ml < min_lesion_ml
     small[0] = False  # background
     label_map[box][small[components]] = LIVER
+
+
+def distance_to_outside_mm(mask: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """Euclidean distance in mm from each voxel of ``mask`` to the nearest voxel outside it (0 outside), as
+    ``ndimage.distance_transform_edt(mask, sampling=spacing_mm)`` gives it where the mask does not reach the
+    array's edge, by ITK's multi-threaded Maurer transform: seven times faster on a liver's box on 2 cores.
+    The outside is the object: its boundary voxels are the outside voxels next to the mask."""
+    outside = sitk.GetImageFromArray((~mask.astype(bool)).astype(np.uint8))
+    outside.SetSpacing([float(step) for step in reversed(spacing_mm)])
+    distance = sitk.SignedMaurerDistanceMap(outside, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    return np.maximum(sitk.GetArrayFromImage(distance), 0.0)
+
+
+def darker_than_liver(ct_hu: np.ndarray, liver: np.ndarray, spacing_mm: tuple[float, float, float], sigma_mm: float, erode_mm: float, k_mad: float) -> np.ndarray:
+    """Where the CT, smoothed by a Gaussian of ``sigma_mm``, is darker than the liver's median by more than
+    ``k_mad`` robust standard deviations (1.4826 × the median absolute deviation, both over the smoothed
+    liver), farther inside the liver than ``erode_mm`` from its edge.
+
+    Metastases, cysts and most primary tumours are hypodense in the portal-venous phase; the vessels,
+    bright in that phase, are not taken, and the rim of partial volume with fat is left out by the erosion.
+    The statistics are the patient's own, so no lesion has to be learnt: with two or three lesion patients
+    to learn from, a network finds few. ``ct_hu`` and ``liver`` share a grid (axes in ``spacing_mm``'s
+    order); the smoothing sees ``ct_hu`` to its edges, so a caller that wants the whole CT's result gives
+    it a margin of 3 σ around the liver (``mark_darker_lesions``)."""
+    liver = liver.astype(bool)
+    if not liver.any():
+        return liver
+    smoothed = ndimage.gaussian_filter(ct_hu.astype(np.float32), sigma=[sigma_mm / step for step in spacing_mm])
+    values = smoothed[liver]
+    median = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - median)))
+    interior = liver
+    if erode_mm > 0:
+        interior = distance_to_outside_mm(liver, spacing_mm) > erode_mm
+    return interior & liver & (smoothed < median - k_mad * spread)
+
+
+def mark_darker_lesions(
+    label_map: np.ndarray, box: Box, ct_canonical: np.ndarray, spacing_mm: tuple[float, float, float], rule: dict[str, float],
+    min_lesion_ml: float, voxel_ml: float,
+) -> None:
+    """Lesions of ``label_map`` (the canonical volume's ``box``), in place, by a card's ``lesion_rule``: any
+    lesion it holds becomes liver, the liver's darker part (``darker_than_liver``) becomes lesion, and lesions
+    smaller than ``min_lesion_ml`` liver again. The CT is read with 3 σ around the box, so the smoothing is
+    the whole CT's."""
+    margins = tuple(int(np.ceil(3 * rule["sigma_mm"] / step)) + 1 for step in spacing_mm)
+    padded = grow_box(box, margins, ct_canonical.shape)
+    inner = tuple(slice(b.start - p.start, b.stop - p.start) for b, p in zip(box, padded))
+    liver = np.zeros(tuple(p.stop - p.start for p in padded), bool)
+    liver[inner] = label_map >= LIVER
+    darker = darker_than_liver(ct_canonical[padded], liver, spacing_mm, **rule)[inner]
+    label_map[label_map == LESION] = LIVER
+    label_map[darker] = LESION
+    drop_small_lesions(label_map, min_lesion_ml, voxel_ml)
 
 
 def compose_label_map(
