@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -59,6 +60,25 @@ class LesionConfig:
     # Lesion Dice given up per false lesion on a lesion-free liver (mean over those livers): a healthy
     # liver shown with a lesion costs a surgeon more than a slightly smaller Dice on a real one.
     false_lesion_penalty: float = 0.1
+    # Candidates that take the lesions from the CT instead of the network (the card's lesion_rule,
+    # postprocessing.darker_than_liver), each with every size of min_sizes_ml, judged beside the network's
+    # candidates by the same inner folds. All three empty (the default): the network's lesions only.
+    rule_sigmas_mm: list[float] = field(default_factory=list)
+    rule_erodes_mm: list[float] = field(default_factory=list)
+    rule_k_mads: list[float] = field(default_factory=list)
+
+    def lesion_rules(self) -> list[dict[str, float]]:
+        """Every lesion_rule of the grid (none when the rule lists are empty)."""
+        lists = (self.rule_sigmas_mm, self.rule_erodes_mm, self.rule_k_mads)
+        if any(lists) and not all(lists):
+            raise LiverSegInputError("[lesion] rule_sigmas_mm, rule_erodes_mm and rule_k_mads are given together or not at all")
+        rules = [{"sigma_mm": float(s), "erode_mm": float(e), "k_mad": float(k)} for s, e, k in itertools.product(*lists)]
+        for rule in rules:
+            try:
+                check_lesion_rule(rule)
+            except ModelIntegrityError as error:
+                raise LiverSegInputError(f"[lesion] {error}") from None
+        return rules
 
 
 @dataclass
@@ -205,4 +225,5 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         config.gate_margins_mm()
     if config.lesion.selection not in LESION_SELECTIONS:
         raise LiverSegInputError(f"lesion.selection must be one of {', '.join(LESION_SELECTIONS)}, not '{config.lesion.selection}'")
+    config.lesion.lesion_rules()  # validates the rule grid
     return config

@@ -40,12 +40,16 @@ LESION_SELECTION_RULE = (
     "through the engine's own label-map step; the candidate with the highest mean lesion Dice over the inner "
     "lesion cases minus `false_lesion_penalty` × the mean number of false lesions per lesion-free inner liver "
     "wins, ties going to fewer false lesions, then to the threshold nearest the card's and the smaller minimum size. "
+    "With `[lesion]` rule_sigmas_mm, rule_erodes_mm and rule_k_mads the candidates also include lesions taken from the "
+    "CT (the part of the cleaned liver darker than the liver's median by k_mad robust spreads, after smoothing, "
+    "farther inside than the erosion), each with every minimum size, judged by the same objective; on a tie the "
+    "network's candidates come first. "
     "A cascade with `[stage2] gate_margins_mm` first chooses its gate margin on the same inner folds: the margin "
     "with the highest mean liver Dice over the expert-labelled inner patients, ties going to the card's own margin, "
     "then to the wider one; the lesion "
     "settings are then chosen with that gate"
 )
-LESION_COLUMNS = ("lesion_threshold", "min_lesion_ml", "gate_margin_mm", "lesion_chosen_on")  # rows of folds whose settings were chosen
+LESION_COLUMNS = ("lesion_threshold", "min_lesion_ml", "gate_margin_mm", "lesion_source", "lesion_chosen_on")  # rows of folds whose settings were chosen
 SUMMARY_KEYS = (
     "liver_dice", "liver_iou", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice",
     "lesion_recall", "lesion_false_count", "lesion_false_ml", "liver_dice_cut_scan",
@@ -165,6 +169,7 @@ class InnerCase:
     stage1_slices: np.ndarray | None = None
     spacing_mm: tuple[float, float, float] | None = None
     expert: bool = True  # an expert label: its liver Dice is accuracy (a model-made one's is agreement with a model)
+    ct: np.ndarray | None = None  # the canonical CT in HU: what a lesion_rule candidate reads
 
 
 def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool) -> InnerCase:
@@ -176,7 +181,8 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
     transform = canonical_transform(ct.GetDirection())
     has_lesions = held_out.has_lesion_label and bool((truth == LESION).any())
     return InnerCase(held_out.name, segmented.probabilities, segmented.region, transform.to_canonical(truth), voxel_volume_ml(ct), has_lesions,
-                     segmented.stage1_liver, segmented.stage1_slices, transform.canonical_spacing_mm(ct.GetSpacing()), held_out.is_expert)
+                     segmented.stage1_liver, segmented.stage1_slices, transform.canonical_spacing_mm(ct.GetSpacing()), held_out.is_expert,
+                     transform.to_canonical(sitk.GetArrayFromImage(ct)))
 
 
 def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
@@ -186,7 +192,7 @@ def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
     if case.region is None:
         return label_map
     allowed = cascade_gate(card, case.stage1_liver, case.stage1_slices, case.region, case.truth.shape, case.spacing_mm)
-    box, in_box = label_map_in_box(case.probabilities, case.region, card, case.voxel_ml, allowed=allowed)
+    box, in_box = label_map_in_box(case.probabilities, case.region, card, case.voxel_ml, allowed=allowed, ct_canonical=case.ct, spacing_mm=case.spacing_mm)
     label_map[box] = in_box
     return label_map
 
@@ -228,18 +234,32 @@ def select_gate_margin(cases: list[InnerCase], card: ModelCard, margins_mm: list
     return {"gate_margin_mm": best, "mean_liver_dice_by_gate_margin": {f"{margin:g}": dice for margin, dice in scored.items()}}
 
 
-def select_lesion_settings(cases: list[InnerCase], card: ModelCard, grid: LesionConfig) -> dict:
-    """The (lesion_threshold, min_lesion_ml) of ``grid`` that maximises mean lesion Dice over the lesion
-    cases minus ``false_lesion_penalty`` × mean false lesions per lesion-free liver (ties: fewer false
-    lesions, then the threshold nearest the card's and the smaller minimum size, the card's own behaviour
-    where nothing tells the candidates apart), with its figures and the inner patients it was chosen on
-    (so that the outer test patient can be shown not to be among them)."""
-    scored = []
+def lesion_candidates(card: ModelCard, grid: LesionConfig) -> list[tuple[tuple, dict]]:
+    """(tie-break key, settings) of every candidate of ``grid``: the network's lesions at each threshold and
+    size bar, then each lesion_rule with each size bar. On a tie the network comes first (the card's own
+    kind), then the threshold nearest the card's, the stricter rule (larger ``k_mad``) and the smaller size bar."""
+    candidates = []
     for threshold, min_lesion_ml in itertools.product(grid.thresholds, grid.min_sizes_ml):
-        figures = candidate_figures(cases, replace(card, lesion_threshold=float(threshold), min_lesion_ml=float(min_lesion_ml)))
+        settings = {"lesion_threshold": float(threshold), "min_lesion_ml": float(min_lesion_ml), "lesion_rule": {}}
+        candidates.append(((1, -abs(threshold - card.threshold), 0.0, -min_lesion_ml), settings))
+    for rule, min_lesion_ml in itertools.product(grid.lesion_rules(), grid.min_sizes_ml):
+        settings = {"lesion_threshold": card.lesion_threshold if card.lesion_threshold is not None else card.threshold,
+                    "min_lesion_ml": float(min_lesion_ml), "lesion_rule": rule}
+        candidates.append(((0, 0.0, rule["k_mad"], -min_lesion_ml), settings))
+    return candidates
+
+
+def select_lesion_settings(cases: list[InnerCase], card: ModelCard, grid: LesionConfig) -> dict:
+    """The candidate of ``grid`` (``lesion_candidates``: the network's threshold and size bar, or a
+    lesion_rule and size bar) that maximises mean lesion Dice over the lesion cases minus
+    ``false_lesion_penalty`` × mean false lesions per lesion-free liver (ties: fewer false lesions, then
+    ``lesion_candidates``' order), with its figures and the inner patients it was chosen on (so that the outer
+    test patient can be shown not to be among them)."""
+    scored = []
+    for tie_break, settings in lesion_candidates(card, grid):
+        figures = candidate_figures(cases, with_lesion_settings(card, settings))
         objective = figures["mean_lesion_dice"] - grid.false_lesion_penalty * figures["false_lesions_per_free_liver"]
-        rank = (objective, -figures["false_lesions_per_free_liver"], -abs(threshold - card.threshold), -min_lesion_ml)
-        scored.append((rank, {"lesion_threshold": float(threshold), "min_lesion_ml": float(min_lesion_ml), "objective": objective, **figures}))
+        scored.append(((objective, -figures["false_lesions_per_free_liver"], *tie_break), {**settings, "objective": objective, **figures}))
     best = max(scored, key=lambda item: item[0])[1]
     return {**best, "chosen_on": [case.name for case in cases]}
 
@@ -261,8 +281,8 @@ def choose_lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Pa
             log.info("gate margin chosen on %s: %g mm (mean inner liver Dice by margin %s)", [c.name for c in inner], gate["gate_margin_mm"],
                      gate["mean_liver_dice_by_gate_margin"])
     chosen = {**select_lesion_settings(inner, card, config.lesion), **gate}
-    log.info("lesion settings chosen on %s: threshold %.2f, minimum %.2f mL (mean lesion Dice %.3f, %.2f false lesions per lesion-free liver)",
-             chosen["chosen_on"], chosen["lesion_threshold"], chosen["min_lesion_ml"], chosen["mean_lesion_dice"], chosen["false_lesions_per_free_liver"])
+    log.info("lesion settings chosen on %s: %s, minimum %.2f mL (mean lesion Dice %.3f, %.2f false lesions per lesion-free liver)",
+             chosen["chosen_on"], describe_lesion_source(chosen), chosen["min_lesion_ml"], chosen["mean_lesion_dice"], chosen["false_lesions_per_free_liver"])
     return chosen
 
 
@@ -278,7 +298,16 @@ def with_lesion_settings(card: ModelCard, settings: dict) -> ModelCard:
         return card
     if "gate_margin_mm" in settings:
         card = with_gate_margin(card, settings["gate_margin_mm"])
-    return replace(card, lesion_threshold=settings["lesion_threshold"], min_lesion_ml=settings["min_lesion_ml"])
+    return replace(card, lesion_threshold=settings["lesion_threshold"], min_lesion_ml=settings["min_lesion_ml"],
+                   lesion_rule=dict(settings.get("lesion_rule", {})))
+
+
+def describe_lesion_source(settings: dict) -> str:
+    """Where chosen settings take the lesions from, in words: the network at a threshold, or a lesion_rule."""
+    rule = settings.get("lesion_rule")
+    if rule:
+        return f"darker than the liver by {rule['k_mad']:g} spreads (smoothing {rule['sigma_mm']:g} mm, {rule['erode_mm']:g} mm inside)"
+    return f"network, threshold {settings['lesion_threshold']:.2f}"
 
 
 def lesion_columns(settings: dict) -> dict:
@@ -286,7 +315,8 @@ def lesion_columns(settings: dict) -> dict:
     if not settings:
         return {}
     gate = {"gate_margin_mm": settings["gate_margin_mm"]} if "gate_margin_mm" in settings else {}
-    return {"lesion_threshold": settings["lesion_threshold"], "min_lesion_ml": settings["min_lesion_ml"], **gate, "lesion_chosen_on": " ".join(settings["chosen_on"])}
+    return {"lesion_threshold": settings["lesion_threshold"], "min_lesion_ml": settings["min_lesion_ml"], **gate,
+            "lesion_source": describe_lesion_source(settings), "lesion_chosen_on": " ".join(settings["chosen_on"])}
 
 
 def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], output_dir: Path, evaluation: dict, lesion: dict | None = None) -> Path:

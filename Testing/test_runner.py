@@ -100,6 +100,35 @@ def test_hand_made_probabilities_pick_the_known_best_settings():
     assert (plain["lesion_threshold"], plain["min_lesion_ml"]) == (0.5, 0.0)
 
 
+def test_a_lesion_rule_wins_only_where_the_ct_shows_what_the_network_misses_by_hand():
+    """Inner cases with a CT (1 mm voxels): the liver at 100 and 110 HU in a checkerboard (median 100, MAD 10:
+    a spread of 14.8 HU). The true lesion, a 2×2×2 block at 20 HU, has no lesion probability: every network
+    candidate misses it, the rule (k 3: below 55.5 HU, no smoothing or erosion) finds it exactly; on the
+    lesion-free liver it finds nothing. Where the CT is plain, rule and network tie and the network stays."""
+    import numpy as np
+
+    from LiverSegTraining.config import LesionConfig
+    from LiverSegTraining.runner import ModelCard, select_lesion_settings
+
+    def with_ct(case, dark_voxels=()):
+        z, r, c = np.indices(case.truth.shape)
+        case.ct = np.where((z + r + c) % 2 == 0, 100.0, 110.0).astype(np.float32)
+        case.ct[case.truth == 0] = -100.0
+        for voxel in dark_voxels:
+            case.ct[voxel] = 20.0
+        case.spacing_mm = (1.0, 1.0, 1.0)
+        return case
+
+    block = [(z, r, c) for z in (2, 3) for r in (5, 6) for c in (5, 6)]
+    grid = LesionConfig(rule_sigmas_mm=[0.0], rule_erodes_mm=[0.0], rule_k_mads=[3.0, 8.0])
+    cases = [with_ct(_inner_case("with_lesion", {}, block), block), with_ct(_inner_case("lesion_free", {}))]
+    chosen = select_lesion_settings(cases, ModelCard(), grid)
+    assert chosen["lesion_rule"] == {"sigma_mm": 0.0, "erode_mm": 0.0, "k_mad": 3.0}  # k 8: below −18 HU, misses it
+    assert chosen["mean_lesion_dice"] == 1.0 and chosen["false_lesions_per_free_liver"] == 0.0
+    plain = select_lesion_settings([with_ct(_inner_case("plain", {}))], ModelCard(), grid)
+    assert plain["lesion_rule"] == {} and (plain["lesion_threshold"], plain["min_lesion_ml"]) == (0.5, 0.0)
+
+
 def test_gate_margin_chosen_by_inner_liver_dice_by_hand():
     """A 6×12×12 inner case of 1 mm voxels (model grid = slice grid): the true liver is rows and columns 1-5
     on slices 1-4 (100 voxels), where stage 1 also put it; stage 2 marks it and a larger false blob at rows
@@ -166,7 +195,8 @@ def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_roo
 
     names = _small_expert_cases(data_root, tmp_path / "cases")
     overrides = tiny_config(tmp_path, data_root, [f"data=[{{layout = 'cases', path = '{tmp_path / 'cases'}'}}]", "split.weak_train=[]",
-                                                  "split.val=[]", "split.exclude=[]", "lesion.selection='inner'"])
+                                                  "split.val=[]", "split.exclude=[]", "lesion.selection='inner'",
+                                                  "lesion.rule_sigmas_mm=[1.5]", "lesion.rule_erodes_mm=[2.0]", "lesion.rule_k_mads=[3.0]"])
     config = load_config(None, overrides)
     rows, summary = crossvalidate(config, tmp_path / "cv", folds=["small_a"])
     grid = config.lesion
@@ -176,13 +206,15 @@ def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_roo
     assert sorted(p.name for p in (tmp_path / "cv" / "fold_small_a").glob("inner_*")) == ["inner_small_b", "inner_small_c"]
     write_results(rows, summary, tmp_path / "cv" / "RESULTS.md", "test")
     results = (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
-    assert LESION_SELECTION_RULE in results and "| lesion_threshold | min_lesion_ml | lesion_chosen_on |" in results
+    assert LESION_SELECTION_RULE in results and "| lesion_threshold | min_lesion_ml | lesion_source | lesion_chosen_on |" in results
 
     card = read_card(train_final(config, tmp_path / "final", {"summary": summary}))
     selection = card.training["lesion_selection"]
     assert selection["chosen_on"] == names
-    assert (card.lesion_threshold, card.min_lesion_ml) == (selection["lesion_threshold"], selection["min_lesion_ml"])
-    assert card.lesion_threshold in grid.thresholds and card.min_lesion_ml in grid.min_sizes_ml
+    assert (card.lesion_threshold, card.min_lesion_ml, card.lesion_rule) == (selection["lesion_threshold"], selection["min_lesion_ml"], selection["lesion_rule"])
+    assert card.min_lesion_ml in grid.min_sizes_ml and card.lesion_rule in ({}, {"sigma_mm": 1.5, "erode_mm": 2.0, "k_mad": 3.0})
+    assert card.lesion_threshold in grid.thresholds or card.lesion_rule
+    assert selection["grid"]["rule_k_mads"] == [3.0]
 
 
 def test_cascade_gate_margin_chosen_on_inner_folds(data_root, tmp_path):
@@ -206,6 +238,12 @@ def test_cascade_gate_margin_chosen_on_inner_folds(data_root, tmp_path):
     assert "`gate_margin_mm`" in results and "| gate_margin_mm |" in results
     with pytest.raises(LiverSegInputError, match="gate_margins_mm must be 0 or above"):
         load_config(None, [*overrides[:-1], "stage2={model={input_size=64, crop_margin_mm=15.0}, gate_margins_mm=[-1.0]}"])
+    with pytest.raises(LiverSegInputError, match="given together"):
+        load_config(None, [*overrides, "lesion.rule_sigmas_mm=[1.5]", "lesion.rule_k_mads=[3.0]"])
+    with pytest.raises(LiverSegInputError, match="k_mad above 0"):
+        load_config(None, [*overrides, "lesion.rule_sigmas_mm=[1.5]", "lesion.rule_erodes_mm=[2.0]", "lesion.rule_k_mads=[0.0]"])
+    with pytest.raises(LiverSegInputError, match=r"\[model\] model card's lesion_rule needs exactly"):
+        load_config(None, [*overrides, "model.lesion_rule={sigma_mm=1.5}"])
 
 
 def test_folds_and_seeds_side_by_side_then_one_resumed_table(data_root, tmp_path):
