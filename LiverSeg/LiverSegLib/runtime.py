@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import warnings
 from pathlib import Path
 
@@ -43,6 +44,7 @@ ONNX_EXPORT_VERSION = 1  # bump when the export itself changes (opset, names), s
 ONNX_OPSET = 17
 INT8_SLICE_STRIDE = 4  # int8 calibration: every 4th slice of every training case
 INT8_BATCH = 8
+_WORKING_FOLDER_LOCK = threading.Lock()  # int8_graph changes the process's working folder for a moment
 
 
 def cache_dir() -> Path:
@@ -361,12 +363,13 @@ def int8_graph(graph_bytes: bytes, weights_path: Path, batches: list[np.ndarray]
     with tempfile.TemporaryDirectory(prefix="liverseg-int8-") as folder:
         plain_path, inferred, quantised_path = (Path(folder) / name for name in ("plain.onnx", "inferred.onnx", "int8.onnx"))
         onnx.save(plain, plain_path)
-        working_folder = os.getcwd()
-        os.chdir(folder)  # where ORT's symbolic shape inference leaves sym_shape_infer_temp.onnx when it fails
-        try:
-            quant_pre_process(str(plain_path), str(inferred), skip_optimization=True)  # shapes for the quantiser
-        finally:
-            os.chdir(working_folder)
+        with _WORKING_FOLDER_LOCK:  # the working folder is the process's: two exports in threads take turns
+            working_folder = os.getcwd()
+            os.chdir(folder)  # where ORT's symbolic shape inference leaves sym_shape_infer_temp.onnx when it fails
+            try:
+                quant_pre_process(str(plain_path), str(inferred), skip_optimization=True)  # shapes for the quantiser
+            finally:
+                os.chdir(working_folder)
         quantize_static(str(inferred), str(quantised_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
         quantised = onnx.load(str(quantised_path))
