@@ -76,6 +76,17 @@ class AugmentConfig:
     # is rarely liver, so the network would meet it first on a patient. With it, a liver cut off at the
     # scan's edge is segmented as far as it goes.
     edge_probability: float = 0.0
+    # Synthetic lesion (data.SliceSampler, before the geometry): with synthetic_lesion_probability, a sample
+    # that shows liver gets a round hypodense lesion inside it, labelled lesion (and liver), as "label-free"
+    # tumour synthesis does (Hu et al., CVPR 2023): here three patients hold nine lesions, and a network that
+    # never saw a lesion leaves them out of the liver (LiverSegTraining/RESULTS.md). Its radius is drawn from
+    # synthetic_lesion_radius (fractions of the image side: 2–18 mm on stage 2's 1 mm pixels), its
+    # darkening at the centre from synthetic_lesion_hu (HU below the liver, converted through the card's
+    # window); the liver's texture and noise stay. The same disc on every slice of the 2.5D stack (a slice
+    # or two apart, a sphere's section changes little), cut to the sample's liver.
+    synthetic_lesion_probability: float = 0.0
+    synthetic_lesion_radius: tuple[float, float] = (0.01, 0.08)
+    synthetic_lesion_hu: tuple[float, float] = (20.0, 80.0)
 
 
 def _uniform(low: float, high: float, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -185,6 +196,29 @@ def thick_slice_sample(
     return torch.stack(stack), (thick_slab(masks, z, thickness_slices) >= 0.5).float()
 
 
+def with_synthetic_lesion(
+    stack: torch.Tensor, masks: torch.Tensor, config: AugmentConfig, window_hu: tuple[float, float], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stack`` (C, n, n) in [0, 1] and ``masks`` (2, n, n) with a synthetic lesion in the liver of
+    ``masks[0]`` (unchanged when it shows no liver). The lesion's profile falls linearly from 1 over its
+    outer 30 % to 0 at the radius, the darkening is the profile times the drawn depth, and the lesion label is
+    where the profile reaches one half (85 % of the radius), inside the liver."""
+    liver = masks[0] > 0.5
+    pixels = torch.nonzero(liver)
+    if len(pixels) == 0:
+        return stack, masks
+    centre = pixels[int(torch.randint(len(pixels), (1,), generator=generator))].to(torch.float32)
+    size = stack.shape[-1]
+    radius = float(_uniform(*config.synthetic_lesion_radius, 1, generator)) * size
+    depth = float(_uniform(*config.synthetic_lesion_hu, 1, generator)) / (window_hu[1] - window_hu[0])
+    rows, cols = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    distance = torch.sqrt((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2)
+    profile = ((radius - distance) / (0.3 * radius)).clamp(0, 1) * liver
+    lesion_masks = masks.clone()
+    lesion_masks[1] = torch.maximum(masks[1], (profile >= 0.5).to(masks.dtype))
+    return (stack - depth * profile).clamp(0, 1), lesion_masks
+
+
 MAX_ELASTIC_SLOPE = 0.5  # largest change of the elastic shift per pixel, in pixels
 
 
@@ -246,4 +280,4 @@ def augment_batch(
     return (image + noise).clamp_(0, 1), masks
 
 
-__all__ = ["AugmentConfig", "augment_batch", "random_affines", "random_displacements", "thick_slice_sample"]
+__all__ = ["AugmentConfig", "augment_batch", "random_affines", "random_displacements", "thick_slice_sample", "with_synthetic_lesion"]

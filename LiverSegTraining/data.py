@@ -14,7 +14,7 @@ from LiverSegLib.model import ModelCard
 from LiverSegLib.outputs import atomic_output
 from LiverSegLib.preprocessing import label_crop, prepare_label, prepare_volume, slice_stack
 
-from .augment import AugmentConfig, as_scan_edge, thick_slice_sample
+from .augment import AugmentConfig, as_scan_edge, thick_slice_sample, with_synthetic_lesion
 from .sources import Case
 
 
@@ -79,7 +79,8 @@ class SliceSampler:
     signal (nnU-Net draws a third of its patches around foreground for the same reason). The slice-thickness and
     scan-edge augmentations (``augment.thickness_probability``, ``augment.edge_probability``) happen here,
     where the whole volume is at hand: a 2D batch holds only the three neighbouring slices, too few to
-    resample in z.
+    resample in z. A synthetic lesion (``augment.synthetic_lesion_probability``) is added here too, to the
+    slice as stored, so that the geometric augmentation then moves it with the liver.
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class SliceSampler:
         weak_weight: float = 0.5,
         augment: AugmentConfig | None = None,
         lesion_fraction: float = 0.0,
+        window_hu: tuple[float, float] = (-200.0, 300.0),
     ):
         self.cases = cases
         self.liver_fraction = liver_fraction
@@ -97,6 +99,7 @@ class SliceSampler:
         self.context_slices = context_slices
         self.weak_weight = weak_weight
         self.augment = augment or AugmentConfig()
+        self.window_hu = window_hu  # the card's: a synthetic lesion's darkening is given in HU
         self.all_slices = [(c, z) for c, case in enumerate(cases) for z in range(case.image.shape[0])]
         self.liver_slices = [(c, int(z)) for c, case in enumerate(cases) for z in case.liver_slices]
         self.lesion_slices = [(c, int(z)) for c, case in enumerate(cases) for z in case.lesion_slices]
@@ -139,6 +142,9 @@ class SliceSampler:
         edge = self.augment.edge_probability
         if edge > 0 and float(torch.rand(1, generator=generator)) < edge:
             stack = as_scan_edge(stack, self.context_slices, -1 if float(torch.rand(1, generator=generator)) < 0.5 else 1)
+        synthetic = self.augment.synthetic_lesion_probability
+        if synthetic > 0 and float(torch.rand(1, generator=generator)) < synthetic:
+            stack, masks = with_synthetic_lesion(stack, masks, self.augment, self.window_hu, generator)
         return stack, masks
 
 

@@ -157,7 +157,8 @@ def build(config: TrainConfig, train_cases: list[PreparedCase], device: torch.de
     optimizer = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     steps_per_cycle = schedule.epochs_per_cycle * schedule.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=steps_per_cycle, eta_min=schedule.min_lr)
-    sampler = SliceSampler(train_cases, schedule.liver_fraction, card.context_slices, schedule.weak_weight, config.augment, schedule.lesion_fraction)
+    sampler = SliceSampler(train_cases, schedule.liver_fraction, card.context_slices, schedule.weak_weight, config.augment, schedule.lesion_fraction,
+                           card.window_hu)
     network.train()
     return TrainingState(card, network, optimizer, scheduler, sampler, generator, device)
 

@@ -287,3 +287,55 @@ def test_sampler_draws_lesion_slices_at_the_lesion_fraction(data_root, tmp_path)
         else:
             torch.rand(1, generator=replay)  # the liver-or-any draw
     assert from_lesions == replayed and 10 < from_lesions < 30
+
+
+def test_synthetic_lesion_by_hand():
+    """A 64-px stack at 0.6 whose whole slice is liver, a lesion of radius 8 px (0.125 of the side) 50 HU deep
+    in the 500 HU window (0.1): 0.5 at its centre, 0.6 from 8 px out, 0.6 − 0.1 × (8 − d) / 2.4 on the ramp;
+    labelled lesion within 6.8 px (85 % of the radius). With the liver on the left half only, nothing changes
+    on the right half. Without liver the sample is left as it is."""
+    from LiverSegTraining.augment import AugmentConfig, with_synthetic_lesion
+
+    config = AugmentConfig(synthetic_lesion_radius=(0.125, 0.125), synthetic_lesion_hu=(50.0, 50.0))
+    stack, masks = torch.full((3, 64, 64), 0.6), torch.zeros(2, 64, 64)
+    masks[0] = 1.0
+    lesioned, labelled = with_synthetic_lesion(stack, masks, config, (-200.0, 300.0), torch.Generator().manual_seed(0))
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    plateau = lesioned[1] < 0.5 + 1e-6  # within 70 % of the radius, around the drawn centre (away from the edge for this seed)
+    centre = (float(rows[plateau].mean()), float(cols[plateau].mean()))
+    assert all(abs(value - round(value)) < 1e-4 and 8 <= value <= 56 for value in centre)
+    distance = torch.sqrt((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2)
+    expected = 0.6 - 0.1 * ((8 - distance) / 2.4).clamp(0, 1)
+    assert all(torch.allclose(lesioned[c], expected, atol=1e-6) for c in range(3))
+    assert torch.equal(labelled[1], (distance <= 6.8).float()) and torch.equal(labelled[0], masks[0])
+
+    left = masks.clone()
+    left[0, :, 32:] = 0.0
+    for seed in range(5):
+        lesioned, labelled = with_synthetic_lesion(stack, left, config, (-200.0, 300.0), torch.Generator().manual_seed(seed))
+        assert torch.equal(lesioned[:, :, 32:], stack[:, :, 32:]) and not labelled[1, :, 32:].any() and labelled[1].any()
+    empty = torch.zeros(2, 64, 64)
+    lesioned, labelled = with_synthetic_lesion(stack, empty, config, (-200.0, 300.0), torch.Generator().manual_seed(0))
+    assert torch.equal(lesioned, stack) and torch.equal(labelled, empty)
+
+
+def test_sampler_synthetic_lesions_on_a_real_lesion_free_liver(data_root, tmp_path):
+    """ircad_07 (no lesion): with synthetic_lesion_probability 1 every liver sample has a lesion label, inside
+    its liver, where the image got darker; with 0 (the default) the samples are the stored ones."""
+    from LiverSegLib.model import ModelCard as Card
+    from LiverSegLib.preprocessing import slice_stack
+    from LiverSegTraining.augment import AugmentConfig
+    from LiverSegTraining.data import SliceSampler
+
+    (case,) = [c for c in discover("cases", data_root / "cases") if c.name == "ircad_07"]
+    prepared = prepare_case(case, Card(input_size=64), tmp_path / "cache")
+    with_lesions = SliceSampler([prepared], 1.0, 1, augment=AugmentConfig(synthetic_lesion_probability=1.0))
+    plain = SliceSampler([prepared], 1.0, 1)
+    generator = torch.Generator().manual_seed(0)
+    for z in prepared.liver_slices[::10].tolist():
+        stack, masks = with_lesions.sample(prepared, z, generator)
+        stored = slice_stack(prepared.image, [z], 1)[0].float()
+        lesion = masks[1] > 0
+        assert lesion.any() and not (lesion & (masks[0] == 0)).any()
+        assert bool((stack[1][lesion] < stored[1][lesion]).all())
+        assert torch.equal(plain.sample(prepared, z, torch.Generator().manual_seed(0))[0], stored)
