@@ -151,6 +151,8 @@ def test_config_extends_another(tmp_path):
     assert stage2.card().gate_margin_mm == 15.0 and cascade.card().gate_margin_mm == 0.0
     assert cascade.gate_margins_mm() == [0.0, 5.0, 10.0, 15.0] and cascade.lesion.selection == "inner"
     assert len(cascade.lesion.lesion_rules()) == 12 and bundled.lesion.lesion_rules() == []
+    assert stage2.augment.synthetic_lesion_probability == 0.3 and cascade.augment.synthetic_lesion_probability == 0.0
+    assert replace(stage2.augment, synthetic_lesion_probability=0.0) == cascade.augment  # the rest of the augmentation is stage 1's
     assert stage2.schedule.lesion_fraction == 0.33 and cascade.schedule.lesion_fraction == 0.0
     assert replace(stage2.schedule, lesion_fraction=0.0) == bundled.schedule  # the rest of the schedule is stage 1's
     assert stage2.card().weights_file == "liverseg.stage2.safetensors" and stage2.output_dir == "runs/cascade/stage2"

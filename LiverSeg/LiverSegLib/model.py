@@ -18,6 +18,8 @@ from .errors import ModelIntegrityError
 
 CARD_SCHEMA_VERSION = 1
 CHANNEL_NAMES = ("liver", "liver_lesion")
+# A card's ``lesion_rule``: lesions as the part of the liver darker than the liver (postprocessing.darker_than_liver).
+LESION_RULE_KEYS = ("sigma_mm", "erode_mm", "k_mad")
 BUNDLED_CARD = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "liverseg.json"
 
 
@@ -137,8 +139,6 @@ class ModelCard:
 
 def check_lesion_rule(rule: dict[str, Any]) -> None:
     """A card's ``lesion_rule`` is empty or has exactly ``LESION_RULE_KEYS``, numbers, ``k_mad`` above 0."""
-    from .postprocessing import LESION_RULE_KEYS
-
     if not rule:
         return
     if set(rule) != set(LESION_RULE_KEYS):

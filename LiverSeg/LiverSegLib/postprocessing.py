@@ -9,8 +9,6 @@ from scipy import ndimage
 from .geometry import Box, bounding_box, grow_box
 
 LIVER, LESION = 1, 2
-# A model card's ``lesion_rule``: lesions as the part of the liver darker than the liver (darker_than_liver).
-LESION_RULE_KEYS = ("sigma_mm", "erode_mm", "k_mad")
 
 
 def label_components(mask: np.ndarray, fully_connected: bool) -> tuple[np.ndarray, int]:
@@ -87,7 +85,7 @@ def darker_than_liver(ct_hu: np.ndarray, liver: np.ndarray, spacing_mm: tuple[fl
     The statistics are the patient's own, so no lesion has to be learnt: with two or three lesion patients
     to learn from, a network finds few. ``ct_hu`` and ``liver`` share a grid (axes in ``spacing_mm``'s
     order); the smoothing sees ``ct_hu`` to its edges, so a caller that wants the whole CT's result gives
-    it a margin of 3 σ around the liver (``mark_darker_lesions``)."""
+    it a margin of 4 σ around the liver (``mark_darker_lesions``)."""
     liver = liver.astype(bool)
     if not liver.any():
         return liver
@@ -107,9 +105,9 @@ def mark_darker_lesions(
 ) -> None:
     """Lesions of ``label_map`` (the canonical volume's ``box``), in place, by a card's ``lesion_rule``: any
     lesion it holds becomes liver, the liver's darker part (``darker_than_liver``) becomes lesion, and lesions
-    smaller than ``min_lesion_ml`` liver again. The CT is read with 3 σ around the box, so the smoothing is
-    the whole CT's."""
-    margins = tuple(int(np.ceil(3 * rule["sigma_mm"] / step)) + 1 for step in spacing_mm)
+    smaller than ``min_lesion_ml`` liver again. The CT is read with 4 σ around the box (the reach of
+    ``gaussian_filter``'s kernel), so the smoothing inside the box is the whole CT's."""
+    margins = tuple(int(np.ceil(4 * rule["sigma_mm"] / step)) + 1 for step in spacing_mm)
     padded = grow_box(box, margins, ct_canonical.shape)
     inner = tuple(slice(b.start - p.start, b.stop - p.start) for b, p in zip(box, padded))
     liver = np.zeros(tuple(p.stop - p.start for p in padded), bool)
