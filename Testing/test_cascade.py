@@ -24,8 +24,6 @@ from LiverSegTraining.cli import train_main
 from conftest import PROJECT_ROOT, read_case, tiny_config
 from test_plots import read_strict_json
 
-from LiverSegTraining.cli import train_main
-
 
 def test_liver_crop_by_hand():
     """A liver box grown by 10 mm in plane (15 rows of 0.7 mm, 13 columns of 0.8 mm: the margin rounded up

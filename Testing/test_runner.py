@@ -343,7 +343,6 @@ def test_cut_scan_figures_of_the_bundled_model_on_ircad_01(data_root):
     """ircad_01's liver spans slices 27–124: the cut scan keeps slices 76 on (the middle liver slice), and the
     whole-scan figure is the Dice of the whole prediction on those slices, by hand. The bundled model (which
     trained on ircad_01: behaviour at the edge, not accuracy) segments the cut liver as far as it goes."""
-    import numpy as np
     import SimpleITK as sitk
 
     from LiverSegLib.pipeline import LiverSegmenter
