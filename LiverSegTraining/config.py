@@ -74,11 +74,16 @@ class LesionConfig:
             raise LiverSegInputError("[lesion] rule_sigmas_mm, rule_erodes_mm and rule_k_mads are given together or not at all")
         rules = [{"sigma_mm": float(s), "erode_mm": float(e), "k_mad": float(k)} for s, e, k in itertools.product(*lists)]
         for rule in rules:
-            try:
-                check_lesion_rule(rule)
-            except ModelIntegrityError as error:
-                raise LiverSegInputError(f"[lesion] {error}") from None
+            checked_lesion_rule(rule, "[lesion]")
         return rules
+
+
+def checked_lesion_rule(rule: dict[str, Any], section: str) -> None:
+    """``model.check_lesion_rule`` as a config error naming its ``section``."""
+    try:
+        check_lesion_rule(rule)
+    except ModelIntegrityError as error:
+        raise LiverSegInputError(f"{section} {error}") from None
 
 
 @dataclass
@@ -137,10 +142,7 @@ class TrainConfig:
         card.window_hu = tuple(card.window_hu)  # type: ignore[assignment]
         if card.crop_margin_mm > 0:
             card.weights_file = STAGE2_WEIGHTS_FILE
-        try:
-            check_lesion_rule(card.lesion_rule)
-        except ModelIntegrityError as error:
-            raise LiverSegInputError(f"[model] {error}") from None
+        checked_lesion_rule(card.lesion_rule, "[model]")
         if card.gate_margin_mm < 0 or (card.gate_margin_mm > 0 and card.crop_margin_mm <= 0):
             raise LiverSegInputError("gate_margin_mm is a cascade's stage-2 setting ([stage2.model]), 0 or above")
         return card

@@ -91,7 +91,7 @@ class SliceSampler:
         weak_weight: float = 0.5,
         augment: AugmentConfig | None = None,
         lesion_fraction: float = 0.0,
-        window_hu: tuple[float, float] = (-200.0, 300.0),
+        window_hu: tuple[float, float] = ModelCard.window_hu,
     ):
         self.cases = cases
         self.liver_fraction = liver_fraction

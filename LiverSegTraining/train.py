@@ -185,8 +185,9 @@ def optimisation_step(
     tensor where the network runs: read back once an epoch) and adds the batch's predictions (as trained
     on, before the step) to ``counts``."""
     logits = state.network(images)
-    loss, _ = combined_loss(logits, masks, (channel_mask * weight[:, None]).to(state.device), config.loss)
-    counts.add(logits.detach(), masks, channel_mask.to(state.device), state.card.threshold)
+    channel_mask = channel_mask.to(state.device)
+    loss, _ = combined_loss(logits, masks, channel_mask * weight.to(state.device)[:, None], config.loss)
+    counts.add(logits.detach(), masks, channel_mask, state.card.threshold)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
