@@ -22,7 +22,7 @@ from LiverSegLib.outputs import atomic_output, write_strict_json
 from LiverSegLib.runtime import export_onnx_graph
 from LiverSegLib.geometry import Box
 from LiverSegLib.pipeline import LiverSegmenter, cascade_gate, label_map_in_box, voxel_volume_ml
-from LiverSegLib.postprocessing import LESION, lesion_volumes_ml
+from LiverSegLib.postprocessing import LESION, drop_small_lesions, lesion_volumes_ml
 
 from .config import LesionConfig, TrainConfig, expand
 from .data import PreparedCase, prepare_case
@@ -173,7 +173,8 @@ class InnerCase:
 
 
 def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool) -> InnerCase:
-    """Train on ``pool``'s training patients other than ``held_out`` and keep ``held_out``'s probabilities."""
+    """Train on ``pool``'s training patients other than ``held_out`` and keep ``held_out``'s probabilities (and
+    its canonical CT where the grid has lesion rules to judge: about 70 MB a CT otherwise held for nothing)."""
     train_cases, val_cases = split_cases(pool, config, held_out)
     result = fit(config, train_cases, val_cases, fold_dir, resume)
     ct, truth = held_out.load()
@@ -182,7 +183,7 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
     has_lesions = held_out.has_lesion_label and bool((truth == LESION).any())
     return InnerCase(held_out.name, segmented.probabilities, segmented.region, transform.to_canonical(truth), voxel_volume_ml(ct), has_lesions,
                      segmented.stage1_liver, segmented.stage1_slices, transform.canonical_spacing_mm(ct.GetSpacing()), held_out.is_expert,
-                     transform.to_canonical(sitk.GetArrayFromImage(ct)))
+                     transform.to_canonical(sitk.GetArrayFromImage(ct)) if config.lesion.lesion_rules() else None)
 
 
 def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
@@ -204,12 +205,11 @@ def mean_inner_liver_dice(cases: list[InnerCase], card: ModelCard) -> float:
     return float(np.mean(dices)) if dices else 0.0
 
 
-def candidate_figures(cases: list[InnerCase], card: ModelCard) -> dict[str, float]:
+def lesion_figures(cases: list[InnerCase], label_maps: list[np.ndarray]) -> dict[str, float]:
     """Mean lesion Dice over the lesion cases and mean false lesions per lesion-free liver (every predicted
-    lesion there is false) of ``card``'s settings; 0 where no case of that kind exists."""
+    lesion there is false) of one label map per case; 0 where no case of that kind exists."""
     dices, false_counts = [], []
-    for case in cases:
-        label = inner_label_map(case, card)
+    for case, label in zip(cases, label_maps):
         if case.has_lesions:
             dices.append(overlap(label == LESION, case.truth == LESION)["dice"])
         else:
@@ -218,6 +218,14 @@ def candidate_figures(cases: list[InnerCase], card: ModelCard) -> dict[str, floa
         "mean_lesion_dice": float(np.mean(dices)) if dices else 0.0,
         "false_lesions_per_free_liver": float(np.mean(false_counts)) if false_counts else 0.0,
     }
+
+
+def with_size_bar(label_map: np.ndarray, min_lesion_ml: float, voxel_ml: float) -> np.ndarray:
+    """A copy of a label map made without a size bar, its lesions under ``min_lesion_ml`` turned liver: the
+    engine's map with that bar, whose last step is the same ``drop_small_lesions``."""
+    barred = label_map.copy()
+    drop_small_lesions(barred, min_lesion_ml, voxel_ml)
+    return barred
 
 
 def with_gate_margin(card: ModelCard, margin_mm: float) -> ModelCard:
@@ -255,9 +263,16 @@ def select_lesion_settings(cases: list[InnerCase], card: ModelCard, grid: Lesion
     ``false_lesion_penalty`` × mean false lesions per lesion-free liver (ties: fewer false lesions, then
     ``lesion_candidates``' order), with its figures and the inner patients it was chosen on (so that the outer
     test patient can be shown not to be among them)."""
-    scored = []
+    scored, source, unbarred_maps = [], None, []
     for tie_break, settings in lesion_candidates(card, grid):
-        figures = candidate_figures(cases, with_lesion_settings(card, settings))
+        # Candidates of one lesion source (threshold or rule) follow each other, one per size bar: its maps are
+        # made once without a bar (the upsampling, and a rule's smoothing), each bar then applied to a copy.
+        if (settings["lesion_threshold"], settings["lesion_rule"]) != source:
+            source = (settings["lesion_threshold"], settings["lesion_rule"])
+            unbarred = with_lesion_settings(card, {**settings, "min_lesion_ml": 0.0})
+            unbarred_maps = [inner_label_map(case, unbarred) for case in cases]
+        maps = [with_size_bar(label, settings["min_lesion_ml"], case.voxel_ml) for label, case in zip(unbarred_maps, cases)]
+        figures = lesion_figures(cases, maps)
         objective = figures["mean_lesion_dice"] - grid.false_lesion_penalty * figures["false_lesions_per_free_liver"]
         scored.append(((objective, -figures["false_lesions_per_free_liver"], *tie_break), {**settings, "objective": objective, **figures}))
     best = max(scored, key=lambda item: item[0])[1]

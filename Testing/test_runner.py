@@ -129,6 +129,32 @@ def test_a_lesion_rule_wins_only_where_the_ct_shows_what_the_network_misses_by_h
     assert plain["lesion_rule"] == {} and (plain["lesion_threshold"], plain["min_lesion_ml"]) == (0.5, 0.0)
 
 
+def test_a_size_bar_applied_afterwards_is_the_engines_map_with_that_bar():
+    """The inner choice makes each lesion source's maps once without a size bar and applies each bar to a copy
+    (``with_size_bar``): the same maps as the engine makes with the bar, for the network's lesions (a 3-voxel
+    and an 8-voxel lesion and a speck, 0.2 mL voxels) and for a rule's (the same blocks darker in the CT)."""
+    import numpy as np
+
+    from LiverSegTraining.runner import ModelCard, inner_label_map, with_lesion_settings, with_size_bar
+
+    lesions = {(2, 5, 5): 0.65, (2, 5, 6): 0.65, (2, 5, 7): 0.65, (2, 8, 8): 0.95}
+    lesions.update({(z, r, c): 0.55 for z in (2, 3) for r in (2, 3) for c in (2, 3)})
+    case = _inner_case("three_sizes", lesions)
+    case.ct = np.where(case.truth > 0, 100.0, -100.0).astype(np.float32)
+    for voxel in lesions:
+        case.ct[voxel] = 20.0
+    case.spacing_mm = (1.0, 1.0, 1.0)
+    sources = [{"lesion_threshold": 0.5, "lesion_rule": {}}, {"lesion_threshold": 0.5, "lesion_rule": {"sigma_mm": 0.0, "erode_mm": 0.0, "k_mad": 3.0}}]
+    for source in sources:
+        unbarred = inner_label_map(case, with_lesion_settings(ModelCard(), {**source, "min_lesion_ml": 0.0}))
+        assert np.count_nonzero(unbarred == 2) == 12
+        for bar_ml, lesion_voxels in ((0.1, 12), (0.5, 11), (1.0, 8), (2.0, 0)):
+            barred = with_size_bar(unbarred, bar_ml, case.voxel_ml)
+            engine = inner_label_map(case, with_lesion_settings(ModelCard(), {**source, "min_lesion_ml": bar_ml}))
+            assert np.array_equal(barred, engine) and np.count_nonzero(barred == 2) == lesion_voxels
+        assert np.count_nonzero(unbarred == 2) == 12  # the copy was barred, not the source's map
+
+
 def test_gate_margin_chosen_by_inner_liver_dice_by_hand():
     """A 6×12×12 inner case of 1 mm voxels (model grid = slice grid): the true liver is rows and columns 1-5
     on slices 1-4 (100 voxels), where stage 1 also put it; stage 2 marks it and a larger false blob at rows
