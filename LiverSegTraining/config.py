@@ -34,6 +34,9 @@ class ScheduleConfig:
     liver_fraction: float = 0.7
     lesion_fraction: float = 0.0  # share of samples drawn from slices with a labelled lesion (before liver_fraction)
     weak_weight: float = 0.5  # loss weight of samples from model-made / semi-automatic labels
+    # bf16 autocast of the network's forward pass (the loss and the weights stay float32); on a GPU also the
+    # channels-last layout and cuDNN's autotuner. Off: every recipe's figures were trained without it.
+    mixed_precision: bool = False
 
 
 @dataclass

@@ -154,6 +154,9 @@ def build(config: TrainConfig, train_cases: list[PreparedCase], device: torch.de
     """Network, AdamW, cosine warm restarts (the LR falls over a cycle's steps, then restarts) and the sampler."""
     schedule, card = config.schedule, config.card()
     network = build_network(card).to(device)
+    if schedule.mixed_precision and device.type == "cuda":  # the layout tensor cores read; fixed shapes: let cuDNN time its algorithms
+        network = network.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
     optimizer = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     steps_per_cycle = schedule.epochs_per_cycle * schedule.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=steps_per_cycle, eta_min=schedule.min_lr)
@@ -183,8 +186,13 @@ def optimisation_step(
 ) -> torch.Tensor:
     """One AdamW step on an augmented batch (on the device), the LR stepped after it; returns the loss (a
     tensor where the network runs: read back once an epoch) and adds the batch's predictions (as trained
-    on, before the step) to ``counts``."""
-    logits = state.network(images)
+    on, before the step) to ``counts``. With ``schedule.mixed_precision`` the forward pass runs in bf16
+    (no loss scaling needed: bf16 keeps float32's range), the loss in float32."""
+    if config.schedule.mixed_precision and state.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=config.schedule.mixed_precision):
+        logits = state.network(images)
+    logits = logits.float()  # the loss in float32 (a no-op without autocast)
     channel_mask = channel_mask.to(state.device)
     loss, _ = combined_loss(logits, masks, channel_mask * weight.to(state.device)[:, None], config.loss)
     counts.add(logits.detach(), masks, channel_mask, state.card.threshold)
