@@ -19,7 +19,7 @@ from LiverSegLib.errors import LiverSegInputError
 from LiverSegLib.geometry import canonical_transform
 from LiverSegLib.model import ModelCard, save_model
 from LiverSegLib.outputs import atomic_output, write_strict_json
-from LiverSegLib.runtime import export_onnx_graph
+from LiverSegLib.runtime import export_int8_graph, export_onnx_graph
 from LiverSegLib.geometry import Box
 from LiverSegLib.pipeline import LiverSegmenter, cascade_gate, label_map_in_box, voxel_volume_ml
 from LiverSegLib.postprocessing import LESION, drop_small_lesions, lesion_volumes_ml
@@ -360,7 +360,24 @@ def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], ou
     card_path = output_dir / "model" / "liverseg.json"
     save_model(result.network, card, card_path, result.stage2.network if result.stage2 else None)
     export_onnx_graph(card_path)  # the graphs the CPU runs without torch (every stage), reading these weights
+    calibration_root = int8_calibration_root(config, train_cases)
+    if calibration_root is not None:  # the CPU's int8 graphs: without them a cascade misses the CPU budget (benchmarks/README.md)
+        export_int8_graph(card_path, calibration_root)
+    else:
+        log.warning("no int8 graph written (the training cases are not all in one 'cases' folder): make it with "
+                    "export_int8_graph('%s', DATA), DATA/cases/NAME/ct.nii.gz holding them", card_path)
     return card_path
+
+
+def int8_calibration_root(config: TrainConfig, train_cases: list[Case]) -> Path | None:
+    """The folder whose ``cases/NAME`` holds every training case (a ``cases`` source in a folder named
+    ``cases``): where ``runtime.export_int8_graph`` reads its calibration slices. None otherwise."""
+    names = {case.name for case in train_cases}
+    for source in config.data:
+        folder = Path(expand(source["path"]))
+        if source["layout"] == "cases" and folder.name == "cases" and all((folder / name / "ct.nii.gz").is_file() for name in names):
+            return folder.parent
+    return None
 
 
 def measured(rows: list[dict], key: str) -> list[float]:

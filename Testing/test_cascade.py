@@ -159,7 +159,9 @@ def with_bundled_stage1(cascade_card_path: Path, folder: Path) -> Path:
     trained = read_card(cascade_card_path)
     for name in (trained.stage2["weights_file"], trained.stage2["onnx_file"]):
         shutil.copy(cascade_card_path.parent / name, folder / name)
-    write_card(read_card(BUNDLED_CARD).with_stage(2, trained.stage_card(2)), folder / "liverseg.json")
+    # stage 2 without its int8 graph, as export_onnx_graph leaves it: what export_int8_graph then adds is tested on its own
+    stage2 = replace(trained.stage_card(2), int8_onnx_file="", int8_onnx_sha256="", int8_calibration={})
+    write_card(read_card(BUNDLED_CARD).with_stage(2, stage2), folder / "liverseg.json")
     return folder / "liverseg.json"
 
 
@@ -172,6 +174,10 @@ def test_training_a_cascade_exports_one_card_for_both_stages(cascade_model):
     assert stage2["weights_file"] == "liverseg.stage2.safetensors" and stage2["onnx_file"] == "liverseg.stage2.onnx"
     assert len(stage2["weights_sha256"]) == 64 and stage2["weights_sha256"] != card["weights_sha256"]
     assert card["training"]["stage2"]["epochs"] == 2 and card["training"]["stage2"]["crop_margin_mm"] == 15.0
+    # both stages' int8 graphs, written by the export (stage 2's calibrated on the labelled livers' crops)
+    assert card["int8_onnx_file"] == "liverseg.int8.onnx" and stage2["int8_onnx_file"] == "liverseg.stage2.int8.onnx"
+    assert stage2["int8_calibration"]["crop"].startswith("each case's labelled liver") and stage2["int8_calibration"]["weights_sha256"] == stage2["weights_sha256"]
+    assert LiverSegmenter(cascade_model, device="cpu").precision == "int8"
     assert (cascade_model.parent.parent / "final" / "stage2" / "history.json").is_file()
     assert LiverSegmenter(cascade_model, device="cpu").runtime == "onnxruntime"
 

@@ -382,3 +382,22 @@ def test_cut_scan_figures_of_the_bundled_model_on_ircad_01(data_root):
     kept_prediction, kept_truth = prediction[76:] >= 1, truth[76:] >= 1
     assert figures["liver_dice_cut_scan_whole"] == pytest.approx(2 * (kept_prediction & kept_truth).sum() / (kept_prediction.sum() + kept_truth.sum()))
     assert figures["liver_dice_cut_scan"] >= figures["liver_dice_cut_scan_whole"] - 0.02, figures
+
+
+def test_int8_calibration_root_is_the_folder_holding_every_training_case(tmp_path):
+    """The export writes int8 graphs only where ``export_int8_graph`` finds every training case as
+    ``ROOT/cases/NAME/ct.nii.gz``: a ``cases`` source in a folder named ``cases``; else none (a warning)."""
+    from LiverSegTraining.runner import int8_calibration_root
+    from LiverSegTraining.sources import Case
+
+    for folder in (tmp_path / "cases", tmp_path / "mine"):
+        for name in ("a", "b"):
+            (folder / name).mkdir(parents=True)
+            (folder / name / "ct.nii.gz").write_bytes(b"")
+    cases = [Case(name, name, "", "expert", False, "", load=lambda: None) for name in ("a", "b")]
+    in_cases = load_config(None, [f"data=[{{layout = 'ircad', path = '{tmp_path}'}}, {{layout = 'cases', path = '{tmp_path / 'cases'}'}}]"])
+    assert int8_calibration_root(in_cases, cases) == tmp_path
+    other_name = load_config(None, [f"data=[{{layout = 'cases', path = '{tmp_path / 'mine'}'}}]"])
+    assert int8_calibration_root(other_name, cases) is None
+    missing = [*cases, Case("c", "c", "", "expert", False, "", load=lambda: None)]
+    assert int8_calibration_root(in_cases, missing) is None

@@ -58,8 +58,11 @@ def test_two_cycle_training_exports_a_loadable_model_and_plots(data_root, tmp_pa
     assert card["input_size"] == 64 and len(card["weights_sha256"]) == 64
     assert {c["case"] for c in card["training"]["cases"]} == {"dcmqi_ct3slice", "totalseg_example_sm_MODEL"}
     assert card["onnx_file"] == "liverseg.onnx" and len(card["onnx_sha256"]) == 64  # the graph for the CPU, torch-free
+    # and the int8 graph the CPU runs by default, calibrated on the training cases
+    assert card["int8_onnx_file"] == "liverseg.int8.onnx" and card["int8_calibration"]["cases"] == ["dcmqi_ct3slice", "totalseg_example_sm_MODEL"]
+    assert LiverSegmenter(card_path, device="cpu").precision == "int8"
     ct, _ = read_case(data_root, "dcmqi_ct3slice")
-    segmenter = LiverSegmenter(card_path, device="cpu")
+    segmenter = LiverSegmenter(card_path, device="cpu", precision="fp32")
     assert segmenter.runtime == "onnxruntime"
     with_torch = LiverSegmenter(card_path, device="cpu", runtime="torch")
     result = segmenter.segment(ct, keep_probabilities=True)
