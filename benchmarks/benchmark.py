@@ -1,13 +1,15 @@
 """Speed and memory of LiverSeg on one CT: network throughput, end-to-end seconds, peak RSS.
 
     python benchmarks/benchmark.py CT [--device cpu cuda] [--runtime auto torch onnxruntime] [--precision auto fp32]
-                                      [--batch-size N] [--repeats 3]
+                                      [--batch-size N] [--repeats 3] [--model CARD.json]
 
 Network alone: slices per second of ``predict_probabilities`` on the preprocessed volume (after one
 warm-up run). End to end: read → segment → write, in a fresh process per device, timed from inside
 (model loading included), then the same CT once more with the model loaded and warm (a Slicer session,
 a batch run), and the process's peak resident memory. ``--precision``: the int8 graph the model card ships for
-ONNX Runtime on the CPU (auto) or the fp32 graph. Prints figures; asserts nothing.
+ONNX Runtime on the CPU (auto) or the fp32 graph. ``--model``: a model card of one's own (default the bundled
+one); for a cascade the network figure is stage 1's, the end-to-end ones run both stages. Prints figures;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from LiverSegLib.options import DEVICES, RUNTIMES
 from LiverSegLib.options import PRECISIONS
 
 
-def end_to_end_child(ct: str, device: str, runtime: str, precision: str, batch_size: int | None) -> None:
+def end_to_end_child(ct: str, card_path: str, device: str, runtime: str, precision: str, batch_size: int | None) -> None:
     """Runs in a child process so that its peak RSS is its own."""
     started = time.perf_counter()
     from LiverSegLib.io import read_ct
@@ -36,7 +38,7 @@ def end_to_end_child(ct: str, device: str, runtime: str, precision: str, batch_s
     imported = time.perf_counter()
     image = read_ct(ct)
     read = time.perf_counter()
-    segmenter = LiverSegmenter(device=device, runtime=runtime, precision=precision)
+    segmenter = LiverSegmenter(card_path, device=device, runtime=runtime, precision=precision)
     loaded = time.perf_counter()
     result = segmenter.segment(image, batch_size=batch_size)
     segmented = time.perf_counter()
@@ -58,20 +60,19 @@ def end_to_end_child(ct: str, device: str, runtime: str, precision: str, batch_s
     }))
 
 
-def network_throughput(ct: str, device_name: str, runtime: str, precision: str, batch_size: int | None, repeats: int) -> float:
+def network_throughput(ct: str, card_path: str, device_name: str, runtime: str, precision: str, batch_size: int | None, repeats: int) -> float:
     """Slices/s of the network alone, through the engine's own batch loop for the runtime that runs."""
     import SimpleITK as sitk
 
     from LiverSegLib.geometry import canonical_transform
     from LiverSegLib.inference import choose_device_name, predict_in_batches, predict_probabilities
     from LiverSegLib.io import read_ct
-    from LiverSegLib.model import BUNDLED_CARD
     from LiverSegLib.preprocessing import prepare_volume
     from LiverSegLib.runtime import load_runtime_networks
 
     image = read_ct(ct)
     device = choose_device_name(device_name)
-    card, (network, *_), used_runtime = load_runtime_networks(BUNDLED_CARD, device, runtime, precision)
+    card, (network, *_), used_runtime = load_runtime_networks(card_path, device, runtime, precision)
     canonical = canonical_transform(image.GetDirection()).to_canonical(sitk.GetArrayViewFromImage(image))
     volume = prepare_volume(canonical, card.window_hu, card.input_size)
 
@@ -104,25 +105,29 @@ def main() -> int:
     parser.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS, help="auto: the card's int8 graph in ONNX Runtime")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", help="model card JSON (default: the bundled model)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from LiverSegLib.model import BUNDLED_CARD
+
+    card_path = str(args.model or BUNDLED_CARD)
     if args.child:
-        end_to_end_child(args.ct, args.device[0], args.runtime[0], args.precision[0], args.batch_size)
+        end_to_end_child(args.ct, card_path, args.device[0], args.runtime[0], args.precision[0], args.batch_size)
         return 0
     import torch
 
     import SimpleITK as sitk
 
     size = sitk.ReadImage(args.ct).GetSize() if Path(args.ct).is_file() else "DICOM folder"
-    print(f"CT: {args.ct} {size}; {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"CT: {args.ct} {size}; model {card_path}; {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for device in args.device:
         for runtime in args.runtime:
             if runtime == "onnxruntime" and device != "cpu":
                 continue
             for precision in args.precision if device == "cpu" and runtime != "torch" else ["auto"]:
                 tag = f"[{device}, {runtime}, {precision}]"
-                slices_per_s = network_throughput(args.ct, device, runtime, precision, args.batch_size, args.repeats)
-                command = [sys.executable, __file__, args.ct, "--child", "--device", device, "--runtime", runtime, "--precision", precision]
+                slices_per_s = network_throughput(args.ct, card_path, device, runtime, precision, args.batch_size, args.repeats)
+                command = [sys.executable, __file__, args.ct, "--child", "--model", card_path, "--device", device, "--runtime", runtime, "--precision", precision]
                 if args.batch_size:
                     command += ["--batch-size", str(args.batch_size)]
                 child = subprocess.run(command, capture_output=True, text=True, check=True)
