@@ -251,8 +251,7 @@ def lesion_candidates(card: ModelCard, grid: LesionConfig) -> list[tuple[tuple, 
         settings = {"lesion_threshold": float(threshold), "min_lesion_ml": float(min_lesion_ml), "lesion_rule": {}}
         candidates.append(((1, -abs(threshold - card.threshold), 0.0, -min_lesion_ml), settings))
     for rule, min_lesion_ml in itertools.product(grid.lesion_rules(), grid.min_sizes_ml):
-        settings = {"lesion_threshold": card.lesion_threshold if card.lesion_threshold is not None else card.threshold,
-                    "min_lesion_ml": float(min_lesion_ml), "lesion_rule": rule}
+        settings = {"lesion_threshold": card.lesion_channel_threshold, "min_lesion_ml": float(min_lesion_ml), "lesion_rule": rule}
         candidates.append(((0, 0.0, rule["k_mad"], -min_lesion_ml), settings))
     return candidates
 

@@ -150,11 +150,17 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def channels_last(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the network and its batches use the channels-last layout (the one tensor cores read): under
+    ``schedule.mixed_precision`` on a GPU."""
+    return config.schedule.mixed_precision and device.type == "cuda"
+
+
 def build(config: TrainConfig, train_cases: list[PreparedCase], device: torch.device, generator: torch.Generator) -> TrainingState:
     """Network, AdamW, cosine warm restarts (the LR falls over a cycle's steps, then restarts) and the sampler."""
     schedule, card = config.schedule, config.card()
     network = build_network(card).to(device)
-    if schedule.mixed_precision and device.type == "cuda":  # the layout tensor cores read; fixed shapes: let cuDNN time its algorithms
+    if channels_last(config, device):  # fixed shapes: let cuDNN time its algorithms
         network = network.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     optimizer = torch.optim.AdamW(network.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
@@ -188,7 +194,7 @@ def optimisation_step(
     tensor where the network runs: read back once an epoch) and adds the batch's predictions (as trained
     on, before the step) to ``counts``. With ``schedule.mixed_precision`` the forward pass runs in bf16
     (no loss scaling needed: bf16 keeps float32's range), the loss in float32."""
-    if config.schedule.mixed_precision and state.device.type == "cuda":
+    if channels_last(config, state.device):
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=config.schedule.mixed_precision):
         logits = state.network(images)

@@ -107,11 +107,15 @@ class ModelCard:
             return replace(stage_card, stage2=self.stage2)
         return replace(self, stage2={name: getattr(stage_card, name) for name in STAGE2_FIELDS})
 
+    @property
+    def lesion_channel_threshold(self) -> float:
+        """The lesion channel's probability threshold: its own when the card sets one, since the threshold
+        that best separates lesions need not be the liver's; else the card's."""
+        return self.threshold if self.lesion_threshold is None else self.lesion_threshold
+
     def channel_thresholds(self) -> tuple[float, ...]:
-        """The probability threshold of each channel: the lesion channel has its own when the card sets one,
-        since the threshold that best separates lesions need not be the liver's."""
-        lesion = self.threshold if self.lesion_threshold is None else self.lesion_threshold
-        return tuple(lesion if name == "liver_lesion" else self.threshold for name in self.channels)
+        """The probability threshold of each channel (``lesion_channel_threshold`` for the lesion channel)."""
+        return tuple(self.lesion_channel_threshold if name == "liver_lesion" else self.threshold for name in self.channels)
 
     def to_json(self) -> str:
         """Strict JSON that any reader loads: a value that was never measured (NaN) is written as null."""
