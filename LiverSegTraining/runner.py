@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from LiverSegLib.errors import LiverSegInputError
 from LiverSegLib.geometry import canonical_transform
@@ -24,6 +25,7 @@ from LiverSegLib.geometry import Box
 from LiverSegLib.pipeline import LiverSegmenter, cascade_gate, label_map_in_box, voxel_volume_ml
 from LiverSegLib.postprocessing import LESION, drop_small_lesions, lesion_volumes_ml
 
+from .augment import thick_slab
 from .config import LesionConfig, TrainConfig, expand
 from .data import PreparedCase, prepare_case
 from .metrics import label_map_metrics, overlap
@@ -52,15 +54,19 @@ LESION_SELECTION_RULE = (
 LESION_COLUMNS = ("lesion_threshold", "min_lesion_ml", "gate_margin_mm", "lesion_source", "lesion_chosen_on")  # rows of folds whose settings were chosen
 SUMMARY_KEYS = (
     "liver_dice", "liver_iou", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice",
-    "lesion_recall", "lesion_false_count", "lesion_false_ml", "liver_dice_cut_scan",
+    "lesion_recall", "lesion_false_count", "lesion_false_ml", "liver_dice_cut_scan", "liver_dice_thick_slices",
+    "lesion_dice_thick_slices", "liver_dice_small_fov",
 )
 HIGHER_IS_BETTER = ("_dice", "_iou", "_recall")  # the worst case of these is the lowest; of the others the largest in size
 TABLE_COLUMNS = (
     "case", "label", "liver_dice", "liver_iou", "liver_accuracy", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct",
     "lesion_dice", "lesion_iou", "lesion_assd_mm", "lesion_hd95_mm", "lesion_volume_error_pct",
     "lesion_true_count", "lesion_detected_count", "lesion_recall", "lesion_false_count", "lesion_false_ml",
-    "liver_dice_cut_scan", "liver_dice_cut_scan_whole",
+    "liver_dice_cut_scan", "liver_dice_cut_scan_whole", "liver_dice_thick_slices", "lesion_dice_thick_slices",
+    "liver_dice_small_fov", "liver_dice_small_fov_whole",
 )
+THICK_SLICE_MM = 5.0  # the thickest slices the scanner augmentation trains for (augment.AugmentConfig.thickness_mm)
+SMALL_FOV_FRACTION = 0.7  # the side of the smaller field of view, of the scan's (augment.AugmentConfig.fov_fraction: 0.6–0.9)
 
 
 def load_cases(config: TrainConfig) -> list[Case]:
@@ -103,17 +109,74 @@ def cut_scan_figures(segmenter: LiverSegmenter, ct: sitk.Image, truth: np.ndarra
     }
 
 
-def evaluate_case(segmenter: LiverSegmenter, case: Case, plot_path: Path | None = None, cut_scan: bool = False) -> dict[str, float | str]:
+def small_fov_figures(segmenter: LiverSegmenter, ct: sitk.Image, truth: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
+    """Liver Dice on the scan cut to a smaller field of view: the central ``SMALL_FOV_FRACTION`` of each
+    slice's side (the liver, on the image's left or right, then often cut at the image's edge, as in a
+    reconstruction centred tighter on the patient), and the whole scan's Dice on the same region."""
+    width, height = ct.GetSize()[:2]
+    columns = slice(round(width * (1 - SMALL_FOV_FRACTION) / 2), round(width * (1 + SMALL_FOV_FRACTION) / 2))
+    rows = slice(round(height * (1 - SMALL_FOV_FRACTION) / 2), round(height * (1 + SMALL_FOV_FRACTION) / 2))
+    cut = sitk.GetArrayFromImage(segmenter.segment(ct[columns, rows, :]).label_image)  # a copy: the image is not kept
+    kept_truth = truth[:, rows, columns] >= 1
+    return {
+        "liver_dice_small_fov": overlap(cut >= 1, kept_truth)["dice"],
+        "liver_dice_small_fov_whole": overlap(prediction[:, rows, columns] >= 1, kept_truth)["dice"],
+    }
+
+
+def thick_slice_scan(ct: sitk.Image, truth: np.ndarray, thickness_mm: float) -> tuple[sitk.Image, np.ndarray]:
+    """The scan as a scanner reconstructing slices ``thickness_mm`` thick and apart from the same data would
+    give it: along the image's third axis, each new slice the mean of the native slices it covers (box
+    profile, ``augment.thick_slab``: the training's own thick slices), the labels the slab means of liver
+    (≥ 1) and lesion (2) thresholded at one half. Many hospitals reconstruct 3–5 mm slices; the expert
+    scans here are 1.6 mm. The slabs tile the scan from its first slice's edge; a remainder thinner than a
+    slab is dropped."""
+    spacing_mm = ct.GetSpacing()
+    step_slices = thickness_mm / spacing_mm[2]
+    if step_slices < 1:
+        raise LiverSegInputError(f"thick slices of {thickness_mm} mm are thinner than the scan's {spacing_mm[2]} mm")
+    native_hu, native_truth = torch.from_numpy(sitk.GetArrayFromImage(ct).astype(np.float32)), torch.from_numpy(truth)
+    centres = [(j + 0.5) * step_slices - 0.5 for j in range(int(native_hu.shape[0] // step_slices))]
+    hu = torch.stack([thick_slab(native_hu, c, step_slices) for c in centres]).round()
+    liver = torch.stack([thick_slab(native_truth >= 1, c, step_slices) for c in centres]) >= 0.5
+    lesion = torch.stack([thick_slab(native_truth == LESION, c, step_slices) for c in centres]) >= 0.5
+    thick_truth = (liver.numpy().astype(np.uint8) * (1 + (lesion.numpy() & liver.numpy()))).astype(np.uint8)
+    thick = sitk.GetImageFromArray(hu.numpy().astype(sitk.GetArrayViewFromImage(ct).dtype))
+    thick.SetSpacing((spacing_mm[0], spacing_mm[1], thickness_mm))
+    thick.SetDirection(ct.GetDirection())
+    thick.SetOrigin(ct.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, centres[0])))
+    return thick, thick_truth
+
+
+def thick_slice_figures(segmenter: LiverSegmenter, ct: sitk.Image, truth: np.ndarray, lesion_labelled: bool) -> dict[str, float]:
+    """Liver and lesion Dice on the scan as ``THICK_SLICE_MM`` slices (``thick_slice_scan``) against the
+    label on the same slices: what another hospital's thicker slices cost (the same figures on the native
+    slices are the row's ``liver_dice`` and ``lesion_dice``)."""
+    thick, thick_truth = thick_slice_scan(ct, truth, THICK_SLICE_MM)
+    prediction = sitk.GetArrayViewFromImage(segmenter.segment(thick).label_image)
+    figures = {"liver_dice_thick_slices": overlap(prediction >= 1, thick_truth >= 1)["dice"]}
+    if lesion_labelled:
+        figures["lesion_dice_thick_slices"] = overlap(prediction == LESION, thick_truth == LESION)["dice"]
+    return figures
+
+
+def evaluate_case(
+    segmenter: LiverSegmenter, case: Case, plot_path: Path | None = None, other_scanners: bool = False
+) -> dict[str, float | str]:
     """Full engine run (reorient, preprocess, network, post-process, back to the input grid) vs. the label;
-    ``cut_scan``: also ``cut_scan_figures``."""
+    ``other_scanners``: also the same scan as other scanners and protocols would give it (cut through the
+    liver, a smaller field of view, thicker slices: ``cut_scan_figures``, ``small_fov_figures``,
+    ``thick_slice_figures``)."""
     ct, truth = case.load()
     result = segmenter.segment(ct, keep_probabilities=plot_path is not None)
     prediction = sitk.GetArrayViewFromImage(result.label_image)
     spacing_kji_mm = tuple(reversed(ct.GetSpacing()))
     row: dict[str, float | str] = {"case": case.name, "label": case.label_kind, "seconds": round(result.seconds, 2)}
     row.update(label_map_metrics(prediction, truth, spacing_kji_mm, case.has_lesion_label))
-    if cut_scan:
+    if other_scanners:
         row.update(cut_scan_figures(segmenter, ct, truth, prediction))
+        row.update(small_fov_figures(segmenter, ct, truth, prediction))
+        row.update(thick_slice_figures(segmenter, ct, truth, case.has_lesion_label))
     if plot_path is not None and result.probabilities is not None and result.region is not None:
         transform = canonical_transform(ct.GetDirection())
         canonical_prediction = transform.to_canonical(prediction)
@@ -450,7 +513,7 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
         settings = lesion_settings(config, [c for c in cases if c != test], fold_dir, resume)
         result = fit(config, train_cases, val_cases, fold_dir, resume)
         segmenter = segmenter_of(result, config.device, with_lesion_settings(result.card, settings))
-        row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png", cut_scan=True)
+        row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png", other_scanners=True)
         row["trained_on"] = " ".join(c.name for c in train_cases)
         row.update(lesion_columns(settings))
         rows.append({**row, "fold": test.name})
@@ -464,7 +527,7 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
             rows.append({**evaluate_case(segmenter, case), "trained_on": row["trained_on"], "fold": test.name})
         if result.stage2:  # what stage 2 adds: the same fold's stage 1 as a single-stage model, on the same patient
             alone = LiverSegmenter(device=config.device, card=replace(segmenter.card, stage2={}), network=result.network)
-            stage1_rows.append({**evaluate_case(alone, test, cut_scan=True), "fold": test.name})
+            stage1_rows.append({**evaluate_case(alone, test, other_scanners=True), "fold": test.name})
     summary = summarise(rows)
     summary["lesions_validated"] = lesions_validated(rows)
     write_table(rows, output_dir / "crossval")
@@ -610,6 +673,13 @@ A liver cut off at the scan's edge: each held-out CT is also segmented with its 
 liver's middle slice removed (the scan then starts where the liver is about its widest);
 `liver_dice_cut_scan` is the liver Dice on the slices kept, `liver_dice_cut_scan_whole` the whole scan's
 Dice on the same slices. The gap is what the cut costs.
+
+Thicker slices, as other hospitals reconstruct them: each held-out CT is also segmented as 5 mm slices made
+from its own (box-profile slab means along the image's third axis, the training's thick-slice augmentation),
+against its label on the same slabs (liver, lesion: slab mean ≥ one half): `liver_dice_thick_slices`,
+`lesion_dice_thick_slices`, beside the native slices' `liver_dice`, `lesion_dice`. A smaller field of view:
+each held-out CT cut to the central 70 % of its slices' side (the liver then often cut at the image's edge):
+`liver_dice_small_fov` on that region, `liver_dice_small_fov_whole` the whole scan's Dice on the same region.
 
 Rows labelled `model` are validation cases, never trained on, segmented by each fold's model (`fold`): their
 livers are labelled without lesions, so every lesion found there is false; their liver Dice is agreement with
