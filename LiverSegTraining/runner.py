@@ -153,7 +153,7 @@ def thick_slice_figures(segmenter: LiverSegmenter, ct: sitk.Image, truth: np.nda
     label on the same slices: what another hospital's thicker slices cost (the same figures on the native
     slices are the row's ``liver_dice`` and ``lesion_dice``)."""
     thick, thick_truth = thick_slice_scan(ct, truth, THICK_SLICE_MM)
-    prediction = sitk.GetArrayViewFromImage(segmenter.segment(thick).label_image)
+    prediction = sitk.GetArrayFromImage(segmenter.segment(thick).label_image)  # a copy: the image is not kept
     figures = {"liver_dice_thick_slices": overlap(prediction >= 1, thick_truth >= 1)["dice"]}
     if lesion_labelled:
         figures["lesion_dice_thick_slices"] = overlap(prediction == LESION, thick_truth == LESION)["dice"]

@@ -435,6 +435,8 @@ def test_other_scanner_figures_of_the_bundled_model_on_ircad_01(data_root):
     liver_ml, thick_liver_ml = (truth >= 1).sum() * np.prod(ct.GetSpacing()) / 1000, (thick_truth >= 1).sum() * np.prod(thick.GetSpacing()) / 1000
     assert thick_liver_ml == pytest.approx(liver_ml, rel=0.01)
     figures = thick_slice_figures(segmenter, ct, truth, lesion_labelled=True)
+    thick_prediction = sitk.GetArrayFromImage(segmenter.segment(thick).label_image)
+    assert figures["liver_dice_thick_slices"] == pytest.approx(dice(thick_prediction >= 1, thick_truth >= 1))
     assert figures["liver_dice_thick_slices"] >= overlap(prediction >= 1, truth >= 1)["dice"] - 0.03, figures
     assert 0.0 <= figures["lesion_dice_thick_slices"] <= 1.0
 
