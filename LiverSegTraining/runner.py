@@ -135,6 +135,8 @@ def thick_slice_scan(ct: sitk.Image, truth: np.ndarray, thickness_mm: float) -> 
     step_slices = thickness_mm / spacing_mm[2]
     if step_slices < 1:
         raise LiverSegInputError(f"thick slices of {thickness_mm} mm are thinner than the scan's {spacing_mm[2]} mm")
+    if ct.GetSize()[2] < step_slices:
+        raise LiverSegInputError(f"a scan of {ct.GetSize()[2]} slices of {spacing_mm[2]} mm is shorter than one slice of {thickness_mm} mm")
     native_hu, native_truth = torch.from_numpy(sitk.GetArrayFromImage(ct).astype(np.float32)), torch.from_numpy(truth)
     centres = [(j + 0.5) * step_slices - 0.5 for j in range(int(native_hu.shape[0] // step_slices))]
     hu = torch.stack([thick_slab(native_hu, c, step_slices) for c in centres]).round()
@@ -151,7 +153,11 @@ def thick_slice_scan(ct: sitk.Image, truth: np.ndarray, thickness_mm: float) -> 
 def thick_slice_figures(segmenter: LiverSegmenter, ct: sitk.Image, truth: np.ndarray, lesion_labelled: bool) -> dict[str, float]:
     """Liver and lesion Dice on the scan as ``THICK_SLICE_MM`` slices (``thick_slice_scan``) against the
     label on the same slices: what another hospital's thicker slices cost (the same figures on the native
-    slices are the row's ``liver_dice`` and ``lesion_dice``)."""
+    slices are the row's ``liver_dice`` and ``lesion_dice``). None for a scan whose slices are that thick
+    already (LiTS holds many) or that is shorter than one such slice."""
+    spacing_z_mm, depth = ct.GetSpacing()[2], ct.GetSize()[2]
+    if spacing_z_mm >= THICK_SLICE_MM or depth * spacing_z_mm < THICK_SLICE_MM:
+        return {}
     thick, thick_truth = thick_slice_scan(ct, truth, THICK_SLICE_MM)
     prediction = sitk.GetArrayFromImage(segmenter.segment(thick).label_image)  # a copy: the image is not kept
     figures = {"liver_dice_thick_slices": overlap(prediction >= 1, thick_truth >= 1)["dice"]}

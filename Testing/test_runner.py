@@ -370,8 +370,8 @@ def test_crossval_over_seeds(data_root, tmp_path):
 
 
 def test_thick_slice_scan_by_hand():
-    """Four 2 mm slices of 0, 10, 20, 30 HU labelled background, liver, liver, lesion. As 4 mm slices: two
-    slabs of two slices (means 5 and 25 HU; liver 0.5 and 1, lesion 0 and 0.5: liver, then lesion), centred
+    """Four 2 mm slices of 0, 10, 20, 30 HU labelled background, liver, background, lesion. As 4 mm slices: two
+    slabs of two slices (means 5 and 25 HU; liver 0.5 and 0.5, lesion 0 and 0.5: liver, then lesion), centred
     1 mm past the first slice's centre. As 3 mm slices (1.5 native slices a slab): the first covers slice 0
     and half of slice 1 (weights 2/3, 1/3: 3.3 HU, liver 1/3: background), the second the other half of slice 1
     and slice 2 (16.7 HU, liver 1/3), the rest (slice 3) is thinner than a slab and dropped; centres 0.5 mm and
@@ -380,7 +380,7 @@ def test_thick_slice_scan_by_hand():
     import SimpleITK as sitk
 
     from LiverSegLib.errors import LiverSegInputError
-    from LiverSegTraining.runner import thick_slice_scan
+    from LiverSegTraining.runner import thick_slice_figures, thick_slice_scan
 
     ct = sitk.GetImageFromArray(np.broadcast_to(np.array([0, 10, 20, 30], np.int16)[:, None, None], (4, 2, 3)).copy())
     ct.SetSpacing((0.7, 0.8, 2.0))
@@ -398,6 +398,12 @@ def test_thick_slice_scan_by_hand():
     assert thick.GetOrigin() == pytest.approx((1.0, 2.0, 2.5)) and thick.GetSpacing()[2] == pytest.approx(3.0)
     with pytest.raises(LiverSegInputError, match="thinner than the scan"):
         thick_slice_scan(ct, truth, 1.0)
+    with pytest.raises(LiverSegInputError, match="shorter than one slice of 10.0 mm"):
+        thick_slice_scan(ct, truth, 10.0)
+    # A scan of 5 mm slices, or one 4 mm long, has no 5 mm figures (and no error: a cross-validation goes on).
+    for spacing_mm in ((0.7, 0.8, 5.0), (0.7, 0.8, 1.0)):
+        ct.SetSpacing(spacing_mm)
+        assert thick_slice_figures(None, ct, truth, lesion_labelled=True) == {}
 
 
 def test_other_scanner_figures_of_the_bundled_model_on_ircad_01(data_root):
