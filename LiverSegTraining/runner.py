@@ -94,34 +94,39 @@ def _prepare(cases: list[Case], config: TrainConfig, card: ModelCard) -> list[Pr
     return [prepare_case(case, card, cache) for case in cases]
 
 
+def part_of_scan_figures(
+    segmenter: LiverSegmenter, ct: sitk.Image, region: tuple[slice, slice, slice], truth: np.ndarray, prediction: np.ndarray, name: str
+) -> dict[str, float]:
+    """Liver Dice of the engine on only ``region`` (i, j, k) of the scan, as a scanner that recorded only that
+    much would give it (``liver_dice_NAME``), and of the whole scan's ``prediction`` on the same region
+    (``liver_dice_NAME_whole``): the gap is what recording less costs. ``truth`` and ``prediction`` are the
+    whole scan's (k, j, i) arrays."""
+    kept = tuple(reversed(region))
+    cut = sitk.GetArrayFromImage(segmenter.segment(ct[region]).label_image)  # a copy: the image is not kept
+    kept_truth = truth[kept] >= 1
+    return {
+        f"liver_dice_{name}": overlap(cut >= 1, kept_truth)["dice"],
+        f"liver_dice_{name}_whole": overlap(prediction[kept] >= 1, kept_truth)["dice"],
+    }
+
+
 def cut_scan_figures(segmenter: LiverSegmenter, ct: sitk.Image, truth: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
-    """Liver Dice on the scan cut through the labelled liver's middle slice (the slices from there on along
-    the image's third axis kept, so the scan starts where the liver is about its widest), and the whole
-    scan's Dice on the same slices: what a liver cut off at a scan's edge costs, which the issue asks to be
-    segmented as far as it goes. ``truth`` and ``prediction`` are the whole scan's (k, j, i) arrays."""
+    """``part_of_scan_figures`` of the scan cut through the labelled liver's middle slice (the slices from there
+    on along the image's third axis kept, so the scan starts where the liver is about its widest): what a liver
+    cut off at a scan's edge costs, which the issue asks to be segmented as far as it goes."""
     slices_with_liver = np.flatnonzero((truth >= 1).any(axis=(1, 2)))
     middle = int(slices_with_liver[len(slices_with_liver) // 2])
-    cut = sitk.GetArrayFromImage(segmenter.segment(ct[:, :, middle:]).label_image)  # a copy: the image is not kept
-    kept_truth = truth[middle:] >= 1
-    return {
-        "liver_dice_cut_scan": overlap(cut >= 1, kept_truth)["dice"],
-        "liver_dice_cut_scan_whole": overlap(prediction[middle:] >= 1, kept_truth)["dice"],
-    }
+    return part_of_scan_figures(segmenter, ct, (slice(None), slice(None), slice(middle, None)), truth, prediction, "cut_scan")
 
 
 def small_fov_figures(segmenter: LiverSegmenter, ct: sitk.Image, truth: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
-    """Liver Dice on the scan cut to a smaller field of view: the central ``SMALL_FOV_FRACTION`` of each
-    slice's side (the liver, on the image's left or right, then often cut at the image's edge, as in a
-    reconstruction centred tighter on the patient), and the whole scan's Dice on the same region."""
+    """``part_of_scan_figures`` of the scan cut to a smaller field of view: the central ``SMALL_FOV_FRACTION``
+    of each slice's side (the liver, on the image's left or right, then often cut at the image's edge, as in a
+    reconstruction centred tighter on the patient)."""
     width, height = ct.GetSize()[:2]
     columns = slice(round(width * (1 - SMALL_FOV_FRACTION) / 2), round(width * (1 + SMALL_FOV_FRACTION) / 2))
     rows = slice(round(height * (1 - SMALL_FOV_FRACTION) / 2), round(height * (1 + SMALL_FOV_FRACTION) / 2))
-    cut = sitk.GetArrayFromImage(segmenter.segment(ct[columns, rows, :]).label_image)  # a copy: the image is not kept
-    kept_truth = truth[:, rows, columns] >= 1
-    return {
-        "liver_dice_small_fov": overlap(cut >= 1, kept_truth)["dice"],
-        "liver_dice_small_fov_whole": overlap(prediction[:, rows, columns] >= 1, kept_truth)["dice"],
-    }
+    return part_of_scan_figures(segmenter, ct, (columns, rows, slice(None)), truth, prediction, "small_fov")
 
 
 def thick_slice_scan(ct: sitk.Image, truth: np.ndarray, thickness_mm: float) -> tuple[sitk.Image, np.ndarray]:
@@ -139,11 +144,14 @@ def thick_slice_scan(ct: sitk.Image, truth: np.ndarray, thickness_mm: float) -> 
         raise LiverSegInputError(f"a scan of {ct.GetSize()[2]} slices of {spacing_mm[2]} mm is shorter than one slice of {thickness_mm} mm")
     native_hu, native_truth = torch.from_numpy(sitk.GetArrayFromImage(ct).astype(np.float32)), torch.from_numpy(truth)
     centres = [(j + 0.5) * step_slices - 0.5 for j in range(int(native_hu.shape[0] // step_slices))]
-    hu = torch.stack([thick_slab(native_hu, c, step_slices) for c in centres]).round()
-    liver = torch.stack([thick_slab(native_truth >= 1, c, step_slices) for c in centres]) >= 0.5
-    lesion = torch.stack([thick_slab(native_truth == LESION, c, step_slices) for c in centres]) >= 0.5
-    thick_truth = (liver.numpy().astype(np.uint8) * (1 + (lesion.numpy() & liver.numpy()))).astype(np.uint8)
-    thick = sitk.GetImageFromArray(hu.numpy().astype(sitk.GetArrayViewFromImage(ct).dtype))
+
+    def slabs(volume: torch.Tensor) -> np.ndarray:
+        return torch.stack([thick_slab(volume, centre, step_slices) for centre in centres]).numpy()
+
+    liver = slabs(native_truth >= 1) >= 0.5
+    thick_truth = liver.astype(np.uint8)
+    thick_truth[liver & (slabs(native_truth == LESION) >= 0.5)] = LESION
+    thick = sitk.GetImageFromArray(slabs(native_hu).round().astype(sitk.GetArrayViewFromImage(ct).dtype))
     thick.SetSpacing((spacing_mm[0], spacing_mm[1], thickness_mm))
     thick.SetDirection(ct.GetDirection())
     thick.SetOrigin(ct.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, centres[0])))
