@@ -110,17 +110,24 @@ def test_int8_graph_is_within_half_a_hundredth_of_fp32(data_root, segmenter, cas
     voxel_ml = float(np.prod(ct.GetSpacing())) / 1000
     found = {name: lesion_detection(found == 2, truth == 2, voxel_ml) for name, found in maps.items()}
     assert found["int8"]["lesion_detected_count"] == found["fp32"]["lesion_detected_count"]
-    assert abs(found["int8"]["lesion_false_ml"] - found["fp32"]["lesion_false_ml"]) < 1.0
+    # False lesions, 30 mL on ircad_07: within 1 mL or 5 % (int8 convolutions run on other kernels by CPU:
+    # 0.5 mL apart on an AVX-512 EPYC, 1.15 mL on an AVX2 one, 2026-11-30)
+    false_ml = found["fp32"]["lesion_false_ml"]
+    assert abs(found["int8"]["lesion_false_ml"] - false_ml) <= max(1.0, 0.05 * false_ml)
     if (truth == 2).any():
         assert abs(dice(maps["int8"] == 2, truth == 2) - dice(maps["fp32"] == 2, truth == 2)) <= 0.005
 
 
 def test_shipped_int8_graph_is_what_its_command_writes_and_holds_no_weights(model_copy, data_root):
     """The committed int8 graph is reproduced by export_int8_graph from the verified weights and the card's
-    training cases (bit for bit with the onnxruntime version the card records), and it is small: its
-    weights are read from the safetensors file and quantised when the session starts."""
+    training cases, and it is small: its weights are read from the safetensors file and quantised when the
+    session starts. With the onnxruntime version the card records: the same nodes, initializers and zero
+    points, the activation scales equal up to float rounding (their calibration min/max come from ONNX
+    Runtime's float kernels, which differ by instruction set: bit for bit on the AVX-512 EPYC that made it,
+    within 3.3e-7 relative on an AVX2 one)."""
     import onnx
     import onnxruntime
+    from onnx import numpy_helper
 
     card_path, weights = model_copy
     bundled = read_card()
@@ -132,8 +139,21 @@ def test_shipped_int8_graph_is_what_its_command_writes_and_holds_no_weights(mode
     (card_path.parent / bundled.int8_onnx_file).unlink()
     card = export_int8_graph(card_path, data_root)
     assert card.int8_calibration == {**bundled.int8_calibration, "onnxruntime": onnxruntime.__version__}
+    assert card.int8_onnx_sha256 == sha256_of(card_path.parent / card.int8_onnx_file)
     if onnxruntime.__version__ == bundled.int8_calibration["onnxruntime"]:
-        assert card.int8_onnx_sha256 == bundled.int8_onnx_sha256 == sha256_of(card_path.parent / card.int8_onnx_file)
+        written = onnx.load(str(card_path.parent / card.int8_onnx_file), load_external_data=False).graph
+        assert [(n.op_type, list(n.input), list(n.output)) for n in written.node] == [(n.op_type, list(n.input), list(n.output)) for n in graph.node]
+        shipped_values = {init.name: init for init in graph.initializer}
+        assert sorted(shipped_values) == sorted(init.name for init in written.initializer)
+        for init in written.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                assert shipped_values[init.name].data_location == onnx.TensorProto.EXTERNAL
+                continue
+            value, shipped_value = numpy_helper.to_array(init), numpy_helper.to_array(shipped_values[init.name])
+            if np.issubdtype(value.dtype, np.floating):
+                np.testing.assert_allclose(value, shipped_value, rtol=1e-5, atol=0, err_msg=init.name)
+            else:
+                assert np.array_equal(value, shipped_value), init.name
 
 
 def test_segments_without_torch_installed(data_root, tmp_path):

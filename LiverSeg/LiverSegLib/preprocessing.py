@@ -130,8 +130,9 @@ def prepare_volume(
 ) -> np.ndarray:
     """Canonical CT (Z, rows, cols) in HU → (Z, input_size, input_size) float32 in [0, 1].
 
-    Slice by slice in chunks: every step is per slice, so the result is the same as on the whole volume,
-    but the full-resolution float copies (300 MB each for 300 slices of 512²) never exist at once.
+    Slice by slice in chunks: every step is per slice, so the result is the same as on the whole volume (up
+    to a float32 rounding step: a BLAS may sum a smaller matrix product in another order), but the
+    full-resolution float copies (300 MB each for 300 slices of 512²) never exist at once.
     """
     depth = ct_canonical_hu.shape[0]
     volume = np.empty((depth, input_size, input_size), dtype=np.float32)

@@ -381,7 +381,8 @@ def export_int8_graph(card_path: str | Path, data_root: str | Path, stage: int |
     a cascade or (``None``) every stage: the network quantised to int8, calibrated on the card's training
     cases under ``data_root`` (every ``INT8_SLICE_STRIDE``-th slice), reading its weights from the
     safetensors file; record it, its SHA-256 and the calibration in the card. Needs onnx; the same
-    onnxruntime version writes the same file."""
+    onnxruntime version writes the same graph, up to the last bits of its activation scales on another kind of
+    CPU (their min/max come from ONNX Runtime's float kernels, which differ by instruction set)."""
     import onnxruntime
 
     from .outputs import atomic_output
