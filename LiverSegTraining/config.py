@@ -8,10 +8,10 @@ import os
 import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from LiverSegLib.errors import LiverSegInputError, ModelIntegrityError
-from LiverSegLib.model import ModelCard, check_lesion_rule
+from LiverSegLib.model import ModelCard, check_graph_cut, check_lesion_rule
 
 from .augment import AugmentConfig
 from .losses import LossWeights
@@ -77,14 +77,15 @@ class LesionConfig:
             raise LiverSegInputError("[lesion] rule_sigmas_mm, rule_erodes_mm and rule_k_mads are given together or not at all")
         rules = [{"sigma_mm": float(s), "erode_mm": float(e), "k_mad": float(k)} for s, e, k in itertools.product(*lists)]
         for rule in rules:
-            checked_lesion_rule(rule, "[lesion]")
+            checked_card_setting(check_lesion_rule, rule, "[lesion]")
         return rules
 
 
-def checked_lesion_rule(rule: dict[str, Any], section: str) -> None:
-    """``model.check_lesion_rule`` as a config error naming its ``section``."""
+def checked_card_setting(check: Callable[[dict[str, Any]], None], settings: dict[str, Any], section: str) -> None:
+    """A card's check of one setting (``model.check_lesion_rule``, ``model.check_graph_cut``) as a config error
+    naming its ``section``."""
     try:
-        check_lesion_rule(rule)
+        check(settings)
     except ModelIntegrityError as error:
         raise LiverSegInputError(f"{section} {error}") from None
 
@@ -136,7 +137,7 @@ class TrainConfig:
         )
 
     def card(self) -> ModelCard:
-        allowed = {"architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "threshold", "lesion_threshold", "min_lesion_ml", "lesion_rule", "crop_margin_mm", "gate_margin_mm"}
+        allowed = {"architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "threshold", "lesion_threshold", "min_lesion_ml", "lesion_rule", "graph_cut", "crop_margin_mm", "gate_margin_mm"}
         unknown = set(self.model) - allowed
         if unknown:
             raise LiverSegInputError(f"unknown [model] keys: {', '.join(sorted(unknown))}")
@@ -145,7 +146,8 @@ class TrainConfig:
         card.window_hu = tuple(card.window_hu)  # type: ignore[assignment]
         if card.crop_margin_mm > 0:
             card.weights_file = STAGE2_WEIGHTS_FILE
-        checked_lesion_rule(card.lesion_rule, "[model]")
+        checked_card_setting(check_lesion_rule, card.lesion_rule, "[model]")
+        checked_card_setting(check_graph_cut, card.graph_cut, "[model]")
         if card.gate_margin_mm < 0 or (card.gate_margin_mm > 0 and card.crop_margin_mm <= 0):
             raise LiverSegInputError("gate_margin_mm is a cascade's stage-2 setting ([stage2.model]), 0 or above")
         return card

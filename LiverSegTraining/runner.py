@@ -246,12 +246,12 @@ class InnerCase:
     stage1_slices: np.ndarray | None = None
     spacing_mm: tuple[float, float, float] | None = None
     expert: bool = True  # an expert label: its liver Dice is accuracy (a model-made one's is agreement with a model)
-    ct: np.ndarray | None = None  # the canonical CT in HU: what a lesion_rule candidate reads
+    ct: np.ndarray | None = None  # the canonical CT in HU: what a lesion_rule candidate and a graph cut read
 
 
 def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool) -> InnerCase:
     """Train on ``pool``'s training patients other than ``held_out`` and keep ``held_out``'s probabilities (and
-    its canonical CT where the grid has lesion rules to judge: about 70 MB a CT otherwise held for nothing)."""
+    its canonical CT where lesion rules or the card's graph cut read it: about 70 MB a CT otherwise held for nothing)."""
     train_cases, val_cases = split_cases(pool, config, held_out)
     result = fit(config, train_cases, val_cases, fold_dir, resume)
     ct, truth = held_out.load()
@@ -260,7 +260,7 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
     has_lesions = held_out.has_lesion_label and bool((truth == LESION).any())
     return InnerCase(held_out.name, segmented.probabilities, segmented.region, transform.to_canonical(truth), voxel_volume_ml(ct), has_lesions,
                      segmented.stage1_liver, segmented.stage1_slices, transform.canonical_spacing_mm(ct.GetSpacing()), held_out.is_expert,
-                     transform.to_canonical(sitk.GetArrayFromImage(ct)) if config.lesion.lesion_rules() else None)
+                     transform.to_canonical(sitk.GetArrayFromImage(ct)) if config.lesion.lesion_rules() or config.card().graph_cut else None)
 
 
 def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:

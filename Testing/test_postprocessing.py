@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LiverSegLib.postprocessing import compose_label_map, fill_holes, label_components, largest_component, lesion_volumes_ml
+from LiverSegLib.postprocessing import compose_label_map, cut_organ, fill_holes, label_components, largest_component, lesion_volumes_ml
 
 
 def test_largest_component_and_hole_filling():
@@ -275,3 +275,40 @@ def test_the_lesion_rule_inside_an_expert_liver_finds_its_lesions(data_root, cas
     found, lesions = label_map == 2, truth == 2
     assert 2 * np.count_nonzero(found & lesions) / (np.count_nonzero(found) + np.count_nonzero(lesions)) > lesion_dice_above
     assert lesion_detection(found, lesions, voxel_ml)["lesion_false_count"] == 0
+
+
+@pytest.mark.parametrize(("smoothness", "step_hu", "expected"), [
+    (0.3, 0.0, [True, False]),  # the boundary between them costs less than making the second voxel organ
+    (0.5, 0.0, [True, True]),   # it costs more
+    (0.5, 100.0, [True, False]),  # an edge of 100 HU makes the boundary almost free (σ 25 HU: e^-8)
+])
+def test_graph_cut_of_two_voxels_by_hand(smoothness, step_hu, expected):
+    """p 0.9 and 0.4 side by side, 1 mm apart. Organ/organ costs −ln 0.9 − ln 0.4 = 1.022 nats; organ/background
+    −ln 0.9 − ln 0.6 + w = 0.616 + w: the cut keeps the second voxel out when w = smoothness · e^(−ΔHU²/2σ²)
+    is under 0.405."""
+    probability = np.array([[[0.9, 0.4]]], np.float32)
+    ct_hu = np.array([[[50.0, 50.0 + step_hu]]], np.float32)
+    assert cut_organ(probability, ct_hu, (1.0, 1.0, 1.0), smoothness, 25.0).ravel().tolist() == expected
+
+
+def test_graph_cut_that_would_empty_the_organ_keeps_the_networks():
+    """A 3×3×3 blob at p 0.6 in a sure background: a boundary of 54 faces at smoothness 100 costs far more than
+    the blob's 27 × 0.405 nats, so the cut would drop it; the network's organ is kept instead. A mild cut
+    keeps the blob and drops a lone voxel beside it."""
+    probability = np.full((9, 9, 9), 0.01, np.float32)
+    probability[3:6, 3:6, 3:6] = 0.6
+    ct_hu = np.zeros(probability.shape, np.float32)
+    assert np.array_equal(cut_organ(probability, ct_hu, (1.0, 1.0, 1.0), 100.0, 25.0), probability >= 0.5)
+    probability[3, 3, 7] = 0.6
+    mild = cut_organ(probability, ct_hu, (1.0, 1.0, 1.0), 0.2, 25.0)
+    assert mild[3:6, 3:6, 3:6].all() and np.count_nonzero(mild) == 27
+
+
+def test_graph_cut_adds_organ_only_within_its_reach():
+    """A line of 1 mm voxels: sure organ for 5 mm, then unsure (p 0.45, 0.2 nats a voxel to be organ). A
+    boundary worth 10 nats would move to the line's end 30 mm away; the cut is solved in the organ's box
+    grown by 10 mm (and one voxel), so the organ stops there."""
+    probability = np.full((1, 1, 30), 0.45, np.float32)
+    probability[..., :5] = 0.9
+    organ = cut_organ(probability, np.zeros(probability.shape, np.float32), (1.0, 1.0, 1.0), 10.0, 25.0)
+    assert organ.ravel().tolist() == [True] * 16 + [False] * 14

@@ -171,6 +171,11 @@ def test_config_extends_another(tmp_path):
     (tmp_path / "d.toml").write_text('extends = "bundled.toml"\n[model]\ngate_margin_mm = 10.0\n', encoding="utf-8")
     with pytest.raises(LiverSegInputError, match="gate_margin_mm is a cascade's stage-2 setting"):
         load_config(tmp_path / "d.toml").card()
+    (tmp_path / "e.toml").write_text('extends = "bundled.toml"\n[model.graph_cut]\nsmoothness = 128.0\n', encoding="utf-8")
+    with pytest.raises(LiverSegInputError, match=r"\[model\] model card's graph_cut needs exactly smoothness, contrast_hu"):
+        load_config(tmp_path / "e.toml").card()
+    (tmp_path / "f.toml").write_text('extends = "bundled.toml"\n[model.graph_cut]\nsmoothness = 128.0\ncontrast_hu = 10.0\n', encoding="utf-8")
+    assert load_config(tmp_path / "f.toml").card().graph_cut == {"smoothness": 128.0, "contrast_hu": 10.0}
 
 
 def test_training_dice_pools_voxels_over_batches_by_hand():

@@ -20,6 +20,8 @@ CARD_SCHEMA_VERSION = 1
 CHANNEL_NAMES = ("liver", "liver_lesion")
 # A card's ``lesion_rule``: lesions as the part of the liver darker than the liver (postprocessing.darker_than_liver).
 LESION_RULE_KEYS = ("sigma_mm", "erode_mm", "k_mad")
+# A card's ``graph_cut``: the organ as a minimum cut on the CT (postprocessing.cut_organ).
+GRAPH_CUT_KEYS = ("smoothness", "contrast_hu")
 BUNDLED_CARD = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "liverseg.json"
 
 
@@ -47,6 +49,10 @@ class ModelCard:
     # network's lesion channel counting as liver; ``min_lesion_ml`` still applies. Chosen like the other
     # lesion settings, on training patients only.
     lesion_rule: dict[str, float] = field(default_factory=dict)
+    # Empty: the organ is where the network's probability reaches the threshold. Otherwise {"smoothness",
+    # "contrast_hu"}: the organ is the minimum graph cut of the network's probability on the CT
+    # (postprocessing.cut_organ), its boundary drawn along the CT's edges; lesions stay the network's, inside it.
+    graph_cut: dict[str, float] = field(default_factory=dict)
     lesions_validated: bool = False
     weights_file: str = "liverseg.safetensors"
     weights_sha256: str = ""
@@ -138,6 +144,7 @@ class ModelCard:
         if card.stage2:
             card.stage_card(2)  # refuses unknown stage-2 fields when the card is read
         check_lesion_rule(card.lesion_rule)
+        check_graph_cut(card.graph_cut)
         return card
 
 
@@ -149,6 +156,16 @@ def check_lesion_rule(rule: dict[str, Any]) -> None:
         raise ModelIntegrityError(f"model card's lesion_rule needs exactly {', '.join(LESION_RULE_KEYS)}, not {', '.join(sorted(rule))}")
     if any(isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 for value in rule.values()) or rule["k_mad"] <= 0:
         raise ModelIntegrityError(f"model card's lesion_rule needs numbers of 0 or more (k_mad above 0): {rule}")
+
+
+def check_graph_cut(settings: dict[str, Any]) -> None:
+    """A card's ``graph_cut`` is empty or has exactly ``GRAPH_CUT_KEYS``, numbers above 0."""
+    if not settings:
+        return
+    if set(settings) != set(GRAPH_CUT_KEYS):
+        raise ModelIntegrityError(f"model card's graph_cut needs exactly {', '.join(GRAPH_CUT_KEYS)}, not {', '.join(sorted(settings))}")
+    if any(isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 for value in settings.values()):
+        raise ModelIntegrityError(f"model card's graph_cut needs numbers above 0: {settings}")
 
 
 # What a cascade's card keeps of its stage-2 network's card (everything that builds, verifies and runs it).

@@ -27,8 +27,8 @@ from .inference import (
     torch_runner,
 )
 from .model import BUNDLED_CARD, ModelCard
-from .postprocessing import LIVER, compose_label_map, largest_component, lesion_volumes_ml, mark_darker_lesions
-from .preprocessing import SliceGrid, liver_crop, prepare_volume
+from .postprocessing import LIVER, compose_label_map, cut_organ, largest_component, lesion_volumes_ml, mark_darker_lesions
+from .preprocessing import SliceGrid, liver_crop, prepare_volume, to_model_grid
 from .qc import qc_warnings
 from .runtime import load_runtime_networks
 
@@ -87,6 +87,10 @@ def label_map_in_box(
     fraction of the CT): the label map is the same as on the whole grid (tested), since connectivity and
     hole filling need the organ and a rim or the edge of the volume only."""
     depths, rows, cols = region
+    if card.graph_cut:
+        if ct_canonical is None or spacing_mm is None:
+            raise ValueError("a card with a graph_cut needs the canonical CT and its spacing")
+        probabilities = graph_cut_probabilities(probabilities, region, card, ct_canonical, spacing_mm, allowed)
     (box_depths, box_rows, box_cols), masks = probabilities_to_box_masks(
         probabilities, SliceGrid(rows.stop - rows.start, cols.stop - cols.start), card.channel_thresholds())
     if allowed is not None:
@@ -102,6 +106,42 @@ def label_map_in_box(
     if rule:
         mark_darker_lesions(label_map, box, ct_canonical, spacing_mm, rule, card.min_lesion_ml, voxel_ml)
     return box, label_map
+
+
+def graph_cut_probabilities(
+    probabilities: np.ndarray, region: Box, card: ModelCard, ct_canonical: np.ndarray, spacing_mm: tuple[float, float, float],
+    allowed: np.ndarray | None = None,
+) -> np.ndarray:
+    """The network's (Z, channels, n, n) probabilities over ``region`` with the organ redrawn by the card's
+    ``graph_cut`` (``cut_organ``). The cut runs on the network's own grid (the CT resized to it, in HU, as the
+    network's input is), which is what makes it cheap enough; it decides on which side of the threshold each
+    model-grid pixel lies, the network how far: a pixel the cut moves across is mirrored about the threshold
+    (0.8 → 0.2), the others keep their probability. So the bilinear boundary on the slice grid stays the
+    network's wherever the cut agrees with it, and a cut that changes nothing changes no voxel. Lesions
+    are kept inside the cut only. The result then goes through the thresholds, the gate and the clean-up
+    as the network's own probabilities do."""
+    depths, rows, cols = region
+    size = probabilities.shape[-1]
+    grid = SliceGrid(rows.stop - rows.start, cols.stop - cols.start)
+    organ = probabilities.max(axis=1)
+    network_organ = (probabilities >= np.asarray(card.channel_thresholds(), np.float32)[:, None, None]).any(axis=1)
+    if allowed is not None:  # the gate on the model grid: a cut never grows the organ where it may not be
+        organ = np.where(to_model_grid(allowed.astype(np.float32), size) >= 0.5, organ, 0.0)
+    ct_model = np.concatenate([to_model_grid(ct_canonical[start : min(start + 32, depths.stop), rows, cols], size, pad_value=-1024.0)
+                               for start in range(depths.start, depths.stop, 32)])
+    spacing_model_mm = (spacing_mm[0], grid.side * spacing_mm[1] / size, grid.side * spacing_mm[2] / size)
+    organ_cut = cut_organ(organ, ct_model, spacing_model_mm, card.graph_cut["smoothness"], card.graph_cut["contrast_hu"], network_organ)
+    liver = card.channels.index("liver")
+    threshold = np.float32(card.threshold)
+    mirrored = 2 * threshold - probabilities[:, liver]
+    redrawn = probabilities.copy()
+    added, removed = organ_cut & ~network_organ, network_organ & ~organ_cut
+    redrawn[:, liver][added] = np.maximum(mirrored[added], threshold)
+    redrawn[:, liver][removed] = np.minimum(mirrored[removed], np.nextafter(threshold, np.float32(0)))
+    for channel in range(probabilities.shape[1]):
+        if channel != liver:  # no lesion where the cut took the organ away
+            redrawn[:, channel][removed] = 0.0
+    return redrawn
 
 
 def stage1_liver(stage1_probabilities: np.ndarray, slices_run: np.ndarray, card: ModelCard) -> np.ndarray | None:
