@@ -112,6 +112,21 @@ class TrainConfig:
     # ``gate_margins_mm``: with lesion.selection = "inner", the gate margins the inner folds choose from
     # (runner.select_gate_margin); otherwise [stage2.model] gate_margin_mm holds.
     stage2: dict[str, Any] = field(default_factory=dict)
+    # ``[graph_cuts]`` smoothness and contrast_hu (lists): with lesion.selection = "inner", the graph cuts of the
+    # organ (every pair of the two, and none) the inner folds choose from (runner.select_graph_cut); otherwise
+    # [model.graph_cut] holds.
+    graph_cuts: dict[str, Any] = field(default_factory=dict)
+
+    def graph_cut_candidates(self) -> list[dict[str, float]]:
+        """Every graph cut of ``[graph_cuts]`` (empty: none, the card's own holds)."""
+        if not self.graph_cuts:
+            return []
+        if set(self.graph_cuts) != {"smoothness", "contrast_hu"} or not all(isinstance(v, list) and v for v in self.graph_cuts.values()):
+            raise LiverSegInputError(f"[graph_cuts] needs two non-empty lists, smoothness and contrast_hu, not {self.graph_cuts}")
+        cuts = [{"smoothness": s, "contrast_hu": c} for s, c in itertools.product(self.graph_cuts["smoothness"], self.graph_cuts["contrast_hu"])]
+        for cut in cuts:
+            checked_card_setting(check_graph_cut, cut, "[graph_cuts]")
+        return [{key: float(value) for key, value in cut.items()} for cut in cuts]
 
     def gate_margins_mm(self) -> list[float]:
         """The gate margins inner folds choose from (empty: none, the card's own margin holds)."""
@@ -233,4 +248,5 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     if config.lesion.selection not in LESION_SELECTIONS:
         raise LiverSegInputError(f"lesion.selection must be one of {', '.join(LESION_SELECTIONS)}, not '{config.lesion.selection}'")
     config.lesion.lesion_rules()  # validates the rule grid
+    config.graph_cut_candidates()
     return config

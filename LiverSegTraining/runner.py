@@ -48,10 +48,12 @@ LESION_SELECTION_RULE = (
     "network's candidates come first. "
     "A cascade with `[stage2] gate_margins_mm` first chooses its gate margin on the same inner folds: the margin "
     "with the highest mean liver Dice over the expert-labelled inner patients, ties going to the card's own margin, "
-    "then to the wider one; the lesion "
-    "settings are then chosen with that gate"
+    "then to the wider one. "
+    "With `[graph_cuts]` the organ's graph cut is chosen next, with that gate: every pair of smoothness and contrast_hu, "
+    "and no cut, judged by the same mean inner liver Dice, ties going to the card's own cut, then to none, then to the "
+    "weaker smoothness. The lesion settings are then chosen with that gate and cut"
 )
-LESION_COLUMNS = ("lesion_threshold", "min_lesion_ml", "gate_margin_mm", "lesion_source", "lesion_chosen_on")  # rows of folds whose settings were chosen
+LESION_COLUMNS = ("lesion_threshold", "min_lesion_ml", "gate_margin_mm", "graph_cut", "lesion_source", "lesion_chosen_on")  # rows of folds whose settings were chosen
 SUMMARY_KEYS = (
     "liver_dice", "liver_iou", "liver_assd_mm", "liver_hd95_mm", "liver_volume_error_pct", "lesion_dice",
     "lesion_recall", "lesion_false_count", "lesion_false_ml", "liver_dice_cut_scan", "liver_dice_thick_slices",
@@ -260,7 +262,12 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
     has_lesions = held_out.has_lesion_label and bool((truth == LESION).any())
     return InnerCase(held_out.name, segmented.probabilities, segmented.region, transform.to_canonical(truth), voxel_volume_ml(ct), has_lesions,
                      segmented.stage1_liver, segmented.stage1_slices, transform.canonical_spacing_mm(ct.GetSpacing()), held_out.is_expert,
-                     transform.to_canonical(sitk.GetArrayFromImage(ct)) if config.lesion.lesion_rules() or config.card().graph_cut else None)
+                     transform.to_canonical(sitk.GetArrayFromImage(ct)) if reads_ct(config) else None)
+
+
+def reads_ct(config: TrainConfig) -> bool:
+    """Whether the inner choice reads the CT: lesion-rule candidates, the card's graph cut or cut candidates."""
+    return bool(config.lesion.lesion_rules() or config.card().graph_cut or config.graph_cut_candidates())
 
 
 def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
@@ -319,6 +326,25 @@ def select_gate_margin(cases: list[InnerCase], card: ModelCard, margins_mm: list
     return {"gate_margin_mm": best, "mean_liver_dice_by_gate_margin": {f"{margin:g}": dice for margin, dice in scored.items()}}
 
 
+def with_graph_cut(card: ModelCard, cut: dict[str, float]) -> ModelCard:
+    return replace(card, graph_cut=dict(cut))
+
+
+def describe_graph_cut(cut: dict[str, float]) -> str:
+    """A graph cut as a table cell: "smoothness/contrast_hu", or "none"."""
+    return f"{cut['smoothness']:g}/{cut['contrast_hu']:g}" if cut else "none"
+
+
+def select_graph_cut(cases: list[InnerCase], card: ModelCard, candidates: list[dict[str, float]]) -> dict:
+    """The graph cut of ``candidates`` and no cut with the highest mean inner liver Dice over the expert-labelled
+    inner cases (ties: the card's own, then none, then the weaker smoothness: the cut that moves the least),
+    with each one's figure. Chosen after the gate margin, with it: the cut starts from the gated organ."""
+    options = [{}] + [cut for cut in candidates if cut]
+    scored = [(mean_inner_liver_dice(cases, with_graph_cut(card, cut)), cut) for cut in options]
+    best = max(scored, key=lambda item: (item[0], item[1] == card.graph_cut, not item[1], -item[1].get("smoothness", 0.0)))[1]
+    return {"graph_cut": best, "mean_liver_dice_by_graph_cut": {describe_graph_cut(cut): dice for dice, cut in scored}}
+
+
 def lesion_candidates(card: ModelCard, grid: LesionConfig) -> list[tuple[tuple, dict]]:
     """(tie-break key, settings) of every candidate of ``grid``: the network's lesions at each threshold and
     size bar, then each lesion_rule with each size bar. On a tie the network comes first (the card's own
@@ -371,7 +397,13 @@ def choose_lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Pa
             card = with_gate_margin(card, gate["gate_margin_mm"])
             log.info("gate margin chosen on %s: %g mm (mean inner liver Dice by margin %s)", [c.name for c in inner], gate["gate_margin_mm"],
                      gate["mean_liver_dice_by_gate_margin"])
-    chosen = {**select_lesion_settings(inner, card, config.lesion), **gate}
+    cut = {}
+    if config.graph_cut_candidates():
+        cut = select_graph_cut(inner, card, config.graph_cut_candidates())
+        card = with_graph_cut(card, cut["graph_cut"])
+        log.info("graph cut chosen on %s: %s (mean inner liver Dice by cut %s)", [c.name for c in inner], describe_graph_cut(cut["graph_cut"]),
+                 cut["mean_liver_dice_by_graph_cut"])
+    chosen = {**select_lesion_settings(inner, card, config.lesion), **gate, **cut}
     log.info("lesion settings chosen on %s: %s, minimum %.2f mL (mean lesion Dice %.3f, %.2f false lesions per lesion-free liver)",
              chosen["chosen_on"], describe_lesion_source(chosen), chosen["min_lesion_ml"], chosen["mean_lesion_dice"], chosen["false_lesions_per_free_liver"])
     return chosen
@@ -389,6 +421,8 @@ def with_lesion_settings(card: ModelCard, settings: dict) -> ModelCard:
         return card
     if "gate_margin_mm" in settings:
         card = with_gate_margin(card, settings["gate_margin_mm"])
+    if "graph_cut" in settings:
+        card = with_graph_cut(card, settings["graph_cut"])
     return replace(card, lesion_threshold=settings["lesion_threshold"], min_lesion_ml=settings["min_lesion_ml"],
                    lesion_rule=dict(settings.get("lesion_rule", {})))
 
@@ -406,7 +440,8 @@ def lesion_columns(settings: dict) -> dict:
     if not settings:
         return {}
     gate = {"gate_margin_mm": settings["gate_margin_mm"]} if "gate_margin_mm" in settings else {}
-    return {"lesion_threshold": settings["lesion_threshold"], "min_lesion_ml": settings["min_lesion_ml"], **gate,
+    cut = {"graph_cut": describe_graph_cut(settings["graph_cut"])} if "graph_cut" in settings else {}
+    return {"lesion_threshold": settings["lesion_threshold"], "min_lesion_ml": settings["min_lesion_ml"], **gate, **cut,
             "lesion_source": describe_lesion_source(settings), "lesion_chosen_on": " ".join(settings["chosen_on"])}
 
 
@@ -425,7 +460,8 @@ def export(result: TrainResult, config: TrainConfig, train_cases: list[Case], ou
         "schedule": vars(config.schedule),
     }
     if lesion:
-        grid = {**vars(config.lesion), **({"gate_margins_mm": config.gate_margins_mm()} if "gate_margin_mm" in lesion else {})}
+        grid = {**vars(config.lesion), **({"gate_margins_mm": config.gate_margins_mm()} if "gate_margin_mm" in lesion else {}),
+                **({"graph_cuts": config.graph_cuts} if "graph_cut" in lesion else {})}
         card.training["lesion_selection"] = {**lesion, "rule": LESION_SELECTION_RULE, "grid": grid}
     if result.stage2:
         card.training["stage2"] = {
@@ -641,6 +677,7 @@ def lesion_text(rows: list[dict]) -> str:
     if not any("lesion_chosen_on" in row for row in rows):
         return ""
     gate = ", `gate_margin_mm`" if any("gate_margin_mm" in row for row in rows) else ""
+    gate += ", `graph_cut` (smoothness/contrast_hu)" if any("graph_cut" in row for row in rows) else ""
     return f"Lesion settings per fold (`lesion_threshold`, `min_lesion_ml`{gate}, `lesion_chosen_on`): {LESION_SELECTION_RULE}. The outer test patient is never an inner patient.\n\n"
 
 

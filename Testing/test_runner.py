@@ -190,6 +190,37 @@ def test_gate_margin_chosen_by_inner_liver_dice_by_hand():
     assert select_gate_margin([case], card, [1.0, 1.5])["gate_margin_mm"] == 1.5  # a tie: the wider
 
 
+def test_graph_cut_chosen_by_inner_liver_dice_by_hand():
+    """A 6×12×12 inner case of 1 mm voxels (model grid = slice grid, one stage): the true liver, rows and columns
+    1-5 on slices 1-4 (100 voxels, 100 HU, p = 0.9), and beside it a blob the network is unsure of (rows 1-5,
+    columns 6-8, 60 voxels, p = 0.6) of the background's 0 HU. No cut: the blob is liver (Dice 200 / 260). A
+    cut of smoothness 10, contrast 10 HU: keeping the blob costs its 74 faces with the background (no edge,
+    10 a face), dropping it 60 × log(0.6 / 0.4) and the faces it shares with the liver across a 100 HU edge
+    (nothing): Dice 1. Smoothness 0.001 moves nothing (its faces round to no cost), a tie with no cut, which
+    wins, unless the card's own cut is the weak one."""
+    import numpy as np
+
+    from LiverSegLib.model import ModelCard
+    from LiverSegTraining.runner import InnerCase, mean_inner_liver_dice, select_graph_cut, with_graph_cut
+
+    truth = np.zeros((6, 12, 12), np.uint8)
+    truth[1:5, 1:6, 1:6] = 1
+    probabilities = np.zeros((6, 2, 12, 12), np.float32)
+    probabilities[1:5, 0, 1:6, 1:6] = 0.9
+    probabilities[1:5, 0, 1:6, 6:9] = 0.6
+    ct = np.where(truth == 1, 100.0, 0.0).astype(np.float32)
+    whole = (slice(0, 6), slice(0, 12), slice(0, 12))
+    case = InnerCase("hand", probabilities, whole, truth, voxel_ml=0.001, has_lesions=False, spacing_mm=(1.0, 1.0, 1.0), ct=ct)
+    card = ModelCard(input_size=12)
+    strong, weak = {"smoothness": 10.0, "contrast_hu": 10.0}, {"smoothness": 0.001, "contrast_hu": 10.0}
+    assert mean_inner_liver_dice([case], card) == mean_inner_liver_dice([case], with_graph_cut(card, weak)) == 200 / 260
+    assert mean_inner_liver_dice([case], with_graph_cut(card, strong)) == 1.0
+    chosen = select_graph_cut([case], card, [weak, strong])
+    assert chosen == {"graph_cut": strong, "mean_liver_dice_by_graph_cut": {"none": 200 / 260, "0.001/10": 200 / 260, "10/10": 1.0}}
+    assert select_graph_cut([case], card, [weak])["graph_cut"] == {}  # a tie: no cut
+    assert select_graph_cut([case], with_graph_cut(card, weak), [weak])["graph_cut"] == weak  # a tie: the card's own
+
+
 def _small_expert_cases(data_root, folder):
     """The small weak-label volumes under names the case reader takes for expert labels, so that nested
     cross-validation runs in seconds; small_a gets a 27-voxel lesion inside its liver (a lesion case)."""
@@ -226,17 +257,20 @@ def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_roo
     names = _small_expert_cases(data_root, tmp_path / "cases")
     overrides = tiny_config(tmp_path, data_root, [f"data=[{{layout = 'cases', path = '{tmp_path / 'cases'}'}}]", "split.weak_train=[]",
                                                   "split.val=[]", "split.exclude=[]", "lesion.selection='inner'",
-                                                  "lesion.rule_sigmas_mm=[1.5]", "lesion.rule_erodes_mm=[2.0]", "lesion.rule_k_mads=[3.0]"])
+                                                  "lesion.rule_sigmas_mm=[1.5]", "lesion.rule_erodes_mm=[2.0]", "lesion.rule_k_mads=[3.0]",
+                                                  "graph_cuts={smoothness=[64.0], contrast_hu=[10.0]}"])
     config = load_config(None, overrides)
+    assert config.graph_cut_candidates() == [{"smoothness": 64.0, "contrast_hu": 10.0}]
     rows, summary = crossvalidate(config, tmp_path / "cv", folds=["small_a"])
     grid = config.lesion
+    assert rows[0]["graph_cut"] in ("none", "64/10")
     assert [r["case"] for r in rows] == ["small_a"]
     assert rows[0]["lesion_chosen_on"].split() == ["small_b", "small_c"] == rows[0]["trained_on"].split()
     assert rows[0]["lesion_threshold"] in grid.thresholds and rows[0]["min_lesion_ml"] in grid.min_sizes_ml
     assert sorted(p.name for p in (tmp_path / "cv" / "fold_small_a").glob("inner_*")) == ["inner_small_b", "inner_small_c"]
     write_results(rows, summary, tmp_path / "cv" / "RESULTS.md", "test")
     results = (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
-    assert LESION_SELECTION_RULE in results and "| lesion_threshold | min_lesion_ml | lesion_source | lesion_chosen_on |" in results
+    assert LESION_SELECTION_RULE in results and "| lesion_threshold | min_lesion_ml | graph_cut | lesion_source | lesion_chosen_on |" in results
 
     card = read_card(train_final(config, tmp_path / "final", {"summary": summary}))
     selection = card.training["lesion_selection"]
@@ -244,7 +278,8 @@ def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_roo
     assert (card.lesion_threshold, card.min_lesion_ml, card.lesion_rule) == (selection["lesion_threshold"], selection["min_lesion_ml"], selection["lesion_rule"])
     assert card.min_lesion_ml in grid.min_sizes_ml and card.lesion_rule in ({}, {"sigma_mm": 1.5, "erode_mm": 2.0, "k_mad": 3.0})
     assert card.lesion_threshold in grid.thresholds or card.lesion_rule
-    assert selection["grid"]["rule_k_mads"] == [3.0]
+    assert selection["grid"]["rule_k_mads"] == [3.0] and selection["grid"]["graph_cuts"] == {"smoothness": [64.0], "contrast_hu": [10.0]}
+    assert card.graph_cut == selection["graph_cut"] and set(selection["mean_liver_dice_by_graph_cut"]) == {"none", "64/10"}
 
 
 def test_cascade_gate_margin_chosen_on_inner_folds(data_root, tmp_path):
@@ -274,6 +309,10 @@ def test_cascade_gate_margin_chosen_on_inner_folds(data_root, tmp_path):
         load_config(None, [*overrides, "lesion.rule_sigmas_mm=[1.5]", "lesion.rule_erodes_mm=[2.0]", "lesion.rule_k_mads=[0.0]"])
     with pytest.raises(LiverSegInputError, match=r"\[model\] model card's lesion_rule needs exactly"):
         load_config(None, [*overrides, "model.lesion_rule={sigma_mm=1.5}"])
+    with pytest.raises(LiverSegInputError, match=r"\[graph_cuts\] model card's graph_cut needs numbers above 0"):
+        load_config(None, [*overrides, "graph_cuts={smoothness=[0.0], contrast_hu=[10.0]}"])
+    with pytest.raises(LiverSegInputError, match="needs two non-empty lists"):
+        load_config(None, [*overrides, "graph_cuts={smoothness=[64.0]}"])
 
 
 def test_folds_and_seeds_side_by_side_then_one_resumed_table(data_root, tmp_path):

@@ -148,24 +148,25 @@ class ModelCard:
         return card
 
 
-def check_lesion_rule(rule: dict[str, Any]) -> None:
-    """A card's ``lesion_rule`` is empty or has exactly ``LESION_RULE_KEYS``, numbers, ``k_mad`` above 0."""
-    if not rule:
+def check_card_numbers(field: str, settings: dict[str, Any], keys: tuple[str, ...], above_zero: tuple[str, ...]) -> None:
+    """A card's ``field`` (a dict of settings) is empty or has exactly ``keys``, numbers of 0 or more, those
+    of ``above_zero`` above 0: the one check of every such field, so each says its problem the same way."""
+    if not settings:
         return
-    if set(rule) != set(LESION_RULE_KEYS):
-        raise ModelIntegrityError(f"model card's lesion_rule needs exactly {', '.join(LESION_RULE_KEYS)}, not {', '.join(sorted(rule))}")
-    if any(isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 for value in rule.values()) or rule["k_mad"] <= 0:
-        raise ModelIntegrityError(f"model card's lesion_rule needs numbers of 0 or more (k_mad above 0): {rule}")
+    if set(settings) != set(keys):
+        raise ModelIntegrityError(f"model card's {field} needs exactly {', '.join(keys)}, not {', '.join(sorted(settings))}")
+    numbers = all(not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0 for value in settings.values())
+    if not numbers or any(settings[key] <= 0 for key in above_zero):
+        bar = "numbers above 0" if set(above_zero) == set(keys) else f"numbers of 0 or more ({', '.join(above_zero)} above 0)"
+        raise ModelIntegrityError(f"model card's {field} needs {bar}: {settings}")
+
+
+def check_lesion_rule(rule: dict[str, Any]) -> None:
+    check_card_numbers("lesion_rule", rule, LESION_RULE_KEYS, ("k_mad",))
 
 
 def check_graph_cut(settings: dict[str, Any]) -> None:
-    """A card's ``graph_cut`` is empty or has exactly ``GRAPH_CUT_KEYS``, numbers above 0."""
-    if not settings:
-        return
-    if set(settings) != set(GRAPH_CUT_KEYS):
-        raise ModelIntegrityError(f"model card's graph_cut needs exactly {', '.join(GRAPH_CUT_KEYS)}, not {', '.join(sorted(settings))}")
-    if any(isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 for value in settings.values()):
-        raise ModelIntegrityError(f"model card's graph_cut needs numbers above 0: {settings}")
+    check_card_numbers("graph_cut", settings, GRAPH_CUT_KEYS, GRAPH_CUT_KEYS)
 
 
 # What a cascade's card keeps of its stage-2 network's card (everything that builds, verifies and runs it).

@@ -28,7 +28,7 @@ from .inference import (
 )
 from .model import BUNDLED_CARD, ModelCard
 from .postprocessing import LIVER, compose_label_map, cut_organ, largest_component, lesion_volumes_ml, mark_darker_lesions
-from .preprocessing import SliceGrid, liver_crop, prepare_volume, to_model_grid
+from .preprocessing import SliceGrid, liver_crop, prepare_volume, volume_to_model_grid
 from .qc import qc_warnings
 from .runtime import load_runtime_networks
 
@@ -125,10 +125,11 @@ def graph_cut_probabilities(
     grid = SliceGrid(rows.stop - rows.start, cols.stop - cols.start)
     organ = probabilities.max(axis=1)
     network_organ = (probabilities >= np.asarray(card.channel_thresholds(), np.float32)[:, None, None]).any(axis=1)
-    if allowed is not None:  # the gate on the model grid: a cut never grows the organ where it may not be
-        organ = np.where(to_model_grid(allowed.astype(np.float32), size) >= 0.5, organ, 0.0)
-    ct_model = np.concatenate([to_model_grid(ct_canonical[start : min(start + 32, depths.stop), rows, cols], size, pad_value=-1024.0)
-                               for start in range(depths.start, depths.stop, 32)])
+    if allowed is not None:  # the gate on the model grid: the cut starts from the gated organ and never grows it past the gate
+        inside = volume_to_model_grid(allowed, size) >= 0.5
+        organ = np.where(inside, organ, 0.0)
+        network_organ &= inside
+    ct_model = volume_to_model_grid(ct_canonical[region], size, pad_value=-1024.0)
     spacing_model_mm = (spacing_mm[0], grid.side * spacing_mm[1] / size, grid.side * spacing_mm[2] / size)
     organ_cut = cut_organ(organ, ct_model, spacing_model_mm, card.graph_cut["smoothness"], card.graph_cut["contrast_hu"], network_organ)
     liver = card.channels.index("liver")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
@@ -125,21 +126,31 @@ def to_slice_grid(model_grid: np.ndarray, grid: SliceGrid, rows: slice = slice(N
     return _separable(model_grid, row_weights[rows], col_weights[cols])
 
 
-def prepare_volume(
-    ct_canonical_hu: np.ndarray, window: tuple[float, float], input_size: int, chunk_slices: int = 32
+def volume_to_model_grid(
+    volume: np.ndarray, input_size: int, pad_value: float = 0.0, per_chunk: Callable[[np.ndarray], np.ndarray] | None = None,
+    chunk_slices: int = 32,
 ) -> np.ndarray:
-    """Canonical CT (Z, rows, cols) in HU → (Z, input_size, input_size) float32 in [0, 1].
+    """(Z, rows, cols) → (Z, input_size, input_size) float32 (``to_model_grid``), ``per_chunk`` (a HU window)
+    applied to each chunk of slices first.
 
     Slice by slice in chunks: every step is per slice, so the result is the same as on the whole volume (up
     to a float32 rounding step: a BLAS may sum a smaller matrix product in another order), but the
     full-resolution float copies (300 MB each for 300 slices of 512²) never exist at once.
     """
-    depth = ct_canonical_hu.shape[0]
-    volume = np.empty((depth, input_size, input_size), dtype=np.float32)
+    depth = volume.shape[0]
+    resized = np.empty((depth, input_size, input_size), dtype=np.float32)
     for start in range(0, depth, chunk_slices):
-        chunk = ct_canonical_hu[start : start + chunk_slices]
-        volume[start : start + len(chunk)] = to_model_grid(window_hu(chunk, window), input_size)
-    return volume
+        chunk = volume[start : start + chunk_slices]
+        resized[start : start + len(chunk)] = to_model_grid(per_chunk(chunk) if per_chunk else chunk, input_size, pad_value)
+    return resized
+
+
+def prepare_volume(
+    ct_canonical_hu: np.ndarray, window: tuple[float, float], input_size: int, chunk_slices: int = 32
+) -> np.ndarray:
+    """Canonical CT (Z, rows, cols) in HU → (Z, input_size, input_size) float32 in [0, 1]: the network's input,
+    for training and inference alike."""
+    return volume_to_model_grid(ct_canonical_hu, input_size, per_chunk=lambda chunk: window_hu(chunk, window), chunk_slices=chunk_slices)
 
 
 CROP_MARGIN_SLICES = 3  # slices a cascade's stage 2 sees beyond the liver's first and last (training and inference)
