@@ -249,6 +249,7 @@ class InnerCase:
     spacing_mm: tuple[float, float, float] | None = None
     expert: bool = True  # an expert label: its liver Dice is accuracy (a model-made one's is agreement with a model)
     ct: np.ndarray | None = None  # the canonical CT in HU: what a lesion_rule candidate and a graph cut read
+    stage1_probabilities: np.ndarray | None = None  # a cascade's, kept where a cut of stage 1's liver is judged (gate_liver)
 
 
 def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool) -> InnerCase:
@@ -257,12 +258,15 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
     train_cases, val_cases = split_cases(pool, config, held_out)
     result = fit(config, train_cases, val_cases, fold_dir, resume)
     ct, truth = held_out.load()
-    segmented = segmenter_of(result, config.device).segment(ct, keep_probabilities=True)
+    reads, cuts = reads_ct(config), bool(config.card().graph_cut or config.graph_cut_candidates())
+    # With cuts to judge, a cascade's stage 1 runs every slice around the liver on the CPU too (as on a GPU), for every candidate.
+    segmented = segmenter_of(result, config.device).segment(ct, keep_probabilities=True, stage1_whole_extent=cuts)
     transform = canonical_transform(ct.GetDirection())
     has_lesions = held_out.has_lesion_label and bool((truth == LESION).any())
     return InnerCase(held_out.name, segmented.probabilities, segmented.region, transform.to_canonical(truth), voxel_volume_ml(ct), has_lesions,
                      segmented.stage1_liver, segmented.stage1_slices, transform.canonical_spacing_mm(ct.GetSpacing()), held_out.is_expert,
-                     transform.to_canonical(sitk.GetArrayFromImage(ct)) if reads_ct(config) else None)
+                     transform.to_canonical(sitk.GetArrayFromImage(ct)) if reads else None,
+                     segmented.stage1_probabilities if cuts else None)
 
 
 def reads_ct(config: TrainConfig) -> bool:
@@ -276,7 +280,7 @@ def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
     label_map = np.zeros(case.truth.shape, np.uint8)
     if case.region is None:
         return label_map
-    allowed = cascade_gate(card, case.stage1_liver, case.stage1_slices, case.region, case.truth.shape, case.spacing_mm)
+    allowed = cascade_gate(card, case.stage1_liver, case.stage1_slices, case.region, case.truth.shape, case.spacing_mm, case.stage1_probabilities, case.ct)
     box, in_box = label_map_in_box(case.probabilities, case.region, card, case.voxel_ml, allowed=allowed, ct_canonical=case.ct, spacing_mm=case.spacing_mm)
     label_map[box] = in_box
     return label_map

@@ -285,3 +285,87 @@ def test_cascade_cross_validation_reports_stage1_alone(data_root, tmp_path):
     assert (tmp_path / "cv" / "crossval_stage1.csv").is_file()
     write_results(rows, summary, tmp_path / "cv" / "RESULTS.md", "test")
     assert "Stage 1 alone: each fold's first network" in (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
+
+
+def test_stage1_whole_extent_runs_every_slice_around_the_liver(data_root, segmenter):
+    """What a cut of stage 1's liver needs on the CPU: with ``whole_extent`` stage 1 runs its probes and every
+    slice from the probe before the liver's first to the probe after its last, one block, and gives the same
+    probabilities on the slices both runs share (the network sees each slice on its own)."""
+    from LiverSegLib.inference import PROBE_STRIDE
+
+    card = read_card(BUNDLED_CARD)
+    ct = read_case(data_root, "ircad_01")[0]
+    volume = prepare_volume(canonical_transform(ct.GetDirection()).to_canonical(sitk.GetArrayViewFromImage(ct)), card.window_hu, card.input_size)
+    probes_output, probes_run = stage1_liver_extent(segmenter.network, volume, card, 16)
+    whole_output, whole_run = stage1_liver_extent(segmenter.network, volume, card, 16, whole_extent=True)
+    liver = stage1_liver(probes_output, probes_run, card)
+    found = probes_run[np.flatnonzero(liver.any(axis=(1, 2)))]
+    block = np.arange(max(found[0] - PROBE_STRIDE + 1, 0), min(found[-1] + PROBE_STRIDE, len(volume)))
+    assert np.array_equal(whole_run, np.union1d(probes_run, block)) and set(probes_run) <= set(whole_run)
+    assert len(block) > 2 * np.count_nonzero((probes_run >= block[0]) & (probes_run <= block[-1]))  # more than the probes and ends there
+    shared = np.intersect1d(probes_run, whole_run)
+    assert np.abs(whole_output[shared] - probes_output[shared]).max() < 1e-5
+
+
+def test_stage1_cut_narrows_the_gate_by_hand():
+    """Stage 1 (6×12×12, 1 mm, model grid = slice grid) finds the true liver (rows and columns 1-5 on slices
+    1-4, 100 HU, p = 0.9) and a blob beside it it is unsure of (columns 6-8, p = 0.6) of the background's 0 HU.
+    A card that cuts stage 1's liver (smoothness 10, contrast 10 HU) gates stage 2 around the true liver alone:
+    with a 1 mm margin the gate reaches column 6 but no longer columns 7-8; without the cut, or with stage 1's
+    slices not run one after another, the blob stays in the gate."""
+    from LiverSegLib.model import ModelCard
+    from LiverSegLib.pipeline import cascade_gate, gate_liver
+
+    truth = np.zeros((6, 12, 12), bool)
+    truth[1:5, 1:6, 1:6] = True
+    probabilities = np.zeros((6, 2, 12, 12), np.float32)
+    probabilities[:, 0][truth] = 0.9
+    probabilities[1:5, 0, 1:6, 6:9] = 0.6
+    ct = np.where(truth, 100.0, 0.0).astype(np.float32)
+    stage2 = ModelCard(input_size=12, crop_margin_mm=5.0, gate_margin_mm=1.0)
+    plain = ModelCard(input_size=12).with_stage(2, stage2)
+    cut = replace(plain, graph_cut={"smoothness": 10.0, "contrast_hu": 10.0})
+    spacing_mm, run, whole = (1.0, 1.0, 1.0), np.arange(6), (slice(0, 6), slice(0, 12), slice(0, 12))
+    liver = stage1_liver(probabilities, run, cut)
+    assert np.count_nonzero(liver) == 160
+    assert np.array_equal(gate_liver(cut, probabilities, run, liver, ct, spacing_mm), truth)
+    assert np.array_equal(gate_liver(plain, probabilities, run, liver, ct, spacing_mm), liver)
+    gaps = np.array([0, 1, 3, 4, 5])  # slice 2 not run: no cut
+    assert np.array_equal(gate_liver(cut, probabilities, gaps, stage1_liver(probabilities, gaps, cut), ct, spacing_mm), stage1_liver(probabilities, gaps, cut))
+    gated = cascade_gate(cut, liver, run, whole, ct.shape, spacing_mm, probabilities, ct)
+    ungated = cascade_gate(plain, liver, run, whole, ct.shape, spacing_mm, probabilities, ct)
+    assert gated[1:5, 1:6, 6].all() and not gated[:, :, 7:9].any() and ungated[1:5, 1:6, 7:9].all()
+
+
+def test_cascade_with_a_stage1_cut_is_gated_by_the_cut_liver(cascade_model, data_root, tmp_path):
+    """A cascade card whose stage 1 has a graph cut (and a 5 mm gate) through the whole engine on the CPU:
+    stage 1 runs every slice around its liver, stage 2's crop is that of stage 1's uncut liver, and no label
+    lies outside the gate around the cut liver (``gate_liver`` of the same stage-1 output, computed here) but
+    the holes the clean-up fills inside the gated label."""
+    from LiverSegLib.pipeline import gate_liver
+    from LiverSegLib.postprocessing import fill_holes
+
+    card_path = with_bundled_stage1(cascade_model, tmp_path / "model")
+    card = read_card(card_path)
+    cut_card = replace(card, graph_cut={"smoothness": 128.0, "contrast_hu": 10.0})
+    cut_card = cut_card.with_stage(2, replace(cut_card.stage_card(2), gate_margin_mm=5.0, graph_cut={}))
+    write_card(cut_card, card_path)
+    ct, _ = read_case(data_root, "ircad_07")
+    segmenter = LiverSegmenter(card_path, device="cpu", precision="fp32")
+    result = segmenter.segment(ct, keep_probabilities=True)
+    transform = canonical_transform(ct.GetDirection())
+    canonical_ct = transform.to_canonical(sitk.GetArrayFromImage(ct))
+    spacing_mm = transform.canonical_spacing_mm(ct.GetSpacing())
+    volume = prepare_volume(canonical_ct, card.window_hu, card.input_size)
+    probabilities, slices_run = stage1_liver_extent(segmenter.network, volume, cut_card, 16, whole_extent=True)
+    assert np.array_equal(result.stage1_slices, slices_run) and np.all(np.diff(result.stage1_slices[result.stage1_liver.any(axis=(1, 2))]) == 1)
+    liver = stage1_liver(probabilities, slices_run, cut_card)
+    assert result.region == stage2_crop(liver, slices_run, canonical_ct.shape, cut_card, spacing_mm)
+    cut_liver = gate_liver(cut_card, probabilities, slices_run, liver, canonical_ct, spacing_mm)
+    gate = stage2_gate(cut_liver, slices_run, result.region, canonical_ct.shape, spacing_mm, 5.0)
+    label = transform.to_canonical(sitk.GetArrayViewFromImage(result.label_image))
+    outside = np.ones(label.shape, bool)
+    outside[result.region] = ~gate
+    kept = (label > 0) & ~outside
+    assert label.any() and np.array_equal((label > 0) & outside, fill_holes(kept) & outside)  # beyond the gate: holes the clean-up filled only
+    assert not np.array_equal(cut_liver, liver)  # the cut moved stage 1's liver on this CT

@@ -172,7 +172,7 @@ def check_graph_cut(settings: dict[str, Any]) -> None:
 # What a cascade's card keeps of its stage-2 network's card (everything that builds, verifies and runs it).
 STAGE2_FIELDS = (
     "architecture", "encoder", "decoder_channels", "input_size", "context_slices", "window_hu", "crop_margin_mm", "gate_margin_mm",
-    "weights_file", "weights_sha256", "onnx_file", "onnx_sha256", "int8_onnx_file", "int8_onnx_sha256", "int8_calibration",
+    "graph_cut", "weights_file", "weights_sha256", "onnx_file", "onnx_sha256", "int8_onnx_file", "int8_onnx_sha256", "int8_calibration",
 )
 
 

@@ -61,6 +61,7 @@ class SegmentationResult:
     # with them training judges other gate margins (``stage2_gate``) without running the networks again.
     stage1_liver: np.ndarray | None = None
     stage1_slices: np.ndarray | None = None
+    stage1_probabilities: np.ndarray | None = None  # (Z, channels, n, n) on stage 1's grid, zero on slices not run: what gate_liver cuts
 
 
 def voxel_volume_ml(image: sitk.Image) -> float:
@@ -87,10 +88,11 @@ def label_map_in_box(
     fraction of the CT): the label map is the same as on the whole grid (tested), since connectivity and
     hole filling need the organ and a rim or the edge of the volume only."""
     depths, rows, cols = region
-    if card.graph_cut:
+    cut = card.stage_card(card.stages).graph_cut  # the cut of the stage whose probabilities these are
+    if cut:
         if ct_canonical is None or spacing_mm is None:
             raise ValueError("a card with a graph_cut needs the canonical CT and its spacing")
-        probabilities = graph_cut_probabilities(probabilities, region, card, ct_canonical, spacing_mm, allowed)
+        probabilities = graph_cut_probabilities(probabilities, region, card, cut, ct_canonical, spacing_mm, allowed)
     (box_depths, box_rows, box_cols), masks = probabilities_to_box_masks(
         probabilities, SliceGrid(rows.stop - rows.start, cols.stop - cols.start), card.channel_thresholds())
     if allowed is not None:
@@ -109,29 +111,31 @@ def label_map_in_box(
 
 
 def graph_cut_probabilities(
-    probabilities: np.ndarray, region: Box, card: ModelCard, ct_canonical: np.ndarray, spacing_mm: tuple[float, float, float],
-    allowed: np.ndarray | None = None,
+    probabilities: np.ndarray, region: Box, card: ModelCard, cut: dict[str, float], ct_canonical: np.ndarray,
+    spacing_mm: tuple[float, float, float], allowed: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The network's (Z, channels, n, n) probabilities over ``region`` with the organ redrawn by the card's
-    ``graph_cut`` (``cut_organ``). The cut runs on the network's own grid (the CT resized to it, in HU, as the
+    """The network's (Z, channels, n, n) probabilities over ``region`` with the organ redrawn by a card's
+    ``graph_cut`` (``cut``: ``cut_organ``), at ``card``'s thresholds. The cut runs on the network's own grid (the CT resized to it, in HU, as the
     network's input is), which is what makes it cheap enough; it decides on which side of the threshold each
     model-grid pixel lies, the network how far: a pixel the cut moves across is mirrored about the threshold
     (0.8 → 0.2), the others keep their probability. So the bilinear boundary on the slice grid stays the
     network's wherever the cut agrees with it, and a cut that changes nothing changes no voxel. Lesions
     are kept inside the cut only. The result then goes through the thresholds, the gate and the clean-up
-    as the network's own probabilities do."""
+    as the network's own probabilities do. With a cascade's gate (``allowed``) the cut decides inside it only:
+    outside, the organ is background already."""
     depths, rows, cols = region
     size = probabilities.shape[-1]
     grid = SliceGrid(rows.stop - rows.start, cols.stop - cols.start)
     organ = probabilities.max(axis=1)
     network_organ = (probabilities >= np.asarray(card.channel_thresholds(), np.float32)[:, None, None]).any(axis=1)
+    inside = None
     if allowed is not None:  # the gate on the model grid: the cut starts from the gated organ and never grows it past the gate
         inside = volume_to_model_grid(allowed, size) >= 0.5
         organ = np.where(inside, organ, 0.0)
         network_organ &= inside
     ct_model = volume_to_model_grid(ct_canonical[region], size, pad_value=-1024.0)
     spacing_model_mm = (spacing_mm[0], grid.side * spacing_mm[1] / size, grid.side * spacing_mm[2] / size)
-    organ_cut = cut_organ(organ, ct_model, spacing_model_mm, card.graph_cut["smoothness"], card.graph_cut["contrast_hu"], network_organ)
+    organ_cut = cut_organ(organ, ct_model, spacing_model_mm, cut["smoothness"], cut["contrast_hu"], network_organ, free=inside)
     liver = card.channels.index("liver")
     threshold = np.float32(card.threshold)
     mirrored = 2 * threshold - probabilities[:, liver]
@@ -153,6 +157,37 @@ def stage1_liver(stage1_probabilities: np.ndarray, slices_run: np.ndarray, card:
     taken as neighbours, so a liver seen on probes 6 mm apart is still one component."""
     found = stage1_probabilities[slices_run, card.channels.index("liver")] >= card.threshold
     return largest_component(found) if found.any() else None
+
+
+def gate_liver(
+    card: ModelCard, stage1_probabilities: np.ndarray, slices_run: np.ndarray, liver: np.ndarray,
+    ct_canonical: np.ndarray | None, spacing_mm: tuple[float, float, float],
+) -> np.ndarray:
+    """The stage-1 liver that gates a cascade's stage 2: stage 1's ``liver`` (``stage1_liver``), or, when the
+    card gives stage 1 a ``graph_cut``, the largest component of stage 1's organ cut on the CT
+    (``graph_cut_probabilities`` on stage 1's grid, about 3 mm a pixel: a few seconds on 2 cores).
+
+    Why: stage 1 sees whole slices and runs the liver into a mass beside it or the pancreas; stage 2 sees
+    only its crop and keeps whatever the gate lets through. Cut on stage 1's grid, those neighbours leave the
+    gate (LiverSegTraining/RESULTS.md, "Stage 1's liver cut on the CT"). The crop stays stage 1's own liver's:
+    it only says what stage 2 looks at. The cut needs the slices around the liver run one after another
+    (``stage1_liver_extent``'s ``whole_extent``); where they are not, stage 1's liver is returned uncut."""
+    if not card.graph_cut or ct_canonical is None:
+        return liver
+    occupied = np.flatnonzero(liver.any(axis=(1, 2)))
+    first, last = int(occupied[0]), int(occupied[-1])
+    if np.any(np.diff(slices_run[first : last + 1]) != 1):
+        return liver
+    while first > 0 and slices_run[first - 1] == slices_run[first] - 1:
+        first -= 1
+    while last < len(slices_run) - 1 and slices_run[last + 1] == slices_run[last] + 1:
+        last += 1
+    depths = slice(int(slices_run[first]), int(slices_run[last]) + 1)
+    region = (depths, slice(0, ct_canonical.shape[1]), slice(0, ct_canonical.shape[2]))
+    redrawn = graph_cut_probabilities(stage1_probabilities[depths], region, card, card.graph_cut, ct_canonical, spacing_mm)
+    found = np.zeros(liver.shape, bool)
+    found[first : last + 1] = redrawn[:, card.channels.index("liver")] >= card.threshold
+    return largest_component(found) if found.any() else liver
 
 
 def stage2_crop(
@@ -204,24 +239,29 @@ def stage2_gate(
 
 def cascade_gate(
     card: ModelCard, liver: np.ndarray | None, slices_run: np.ndarray | None, region: Box, shape: tuple[int, int, int],
-    spacing_mm: tuple[float, float, float],
+    spacing_mm: tuple[float, float, float], stage1_probabilities: np.ndarray | None = None, ct_canonical: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """``stage2_gate`` at ``card``'s margin, or None where the card keeps stage 2's output ungated (one
-    stage, a margin of 0, or no stage-1 liver): what the engine applies and training re-applies."""
+    """``stage2_gate`` at ``card``'s margin around ``gate_liver`` (stage 1's ``liver``, cut on the CT when the
+    card says so), or None where the card keeps stage 2's output ungated (one stage, a margin of 0, or no
+    stage-1 liver): what the engine applies and training re-applies."""
     margin_mm = card.stage_card(2).gate_margin_mm if card.stages == 2 else 0.0
     if margin_mm <= 0 or liver is None or slices_run is None:
         return None
+    if stage1_probabilities is not None:
+        liver = gate_liver(card, stage1_probabilities, slices_run, liver, ct_canonical, spacing_mm)
     return stage2_gate(liver, slices_run, region, shape, spacing_mm, margin_mm)
 
 
 def stage1_liver_extent(
-    run_batch, volume: np.ndarray, card: ModelCard, batch_size: int, progress: ProgressCallback | None = None
+    run_batch, volume: np.ndarray, card: ModelCard, batch_size: int, progress: ProgressCallback | None = None, whole_extent: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, slices run) of a cascade's stage 1 on the CPU, where each slice costs: stage 1 only
     has to say where the liver is, which every ``PROBE_STRIDE``-th slice shows in plane (stage 2's margin
     absorbs what lies between probes), and where it ends, which the slices between the probes of the
     largest liver component's ends and the probes beyond tell. About a third of a CT's slices instead of
-    the half to two thirds ``predict_near_liver`` runs; a short scan is run whole."""
+    the half to two thirds ``predict_near_liver`` runs; a short scan is run whole. ``whole_extent``: every
+    slice from the probe before the liver's first to the probe after its last (what a cut of stage 1's liver
+    on the CT needs: ``gate_liver``)."""
     depth = volume.shape[0]
     probes = probe_slices(depth)
     if probes is None:
@@ -231,7 +271,8 @@ def stage1_liver_extent(
     if not found.any():
         return output, probes
     component = probes[np.flatnonzero(largest_component(found).any(axis=(1, 2)))]
-    ends = np.r_[max(component[0] - PROBE_STRIDE + 1, 0) : component[0], component[-1] + 1 : min(component[-1] + PROBE_STRIDE, depth)]
+    before, after = max(component[0] - PROBE_STRIDE + 1, 0), min(component[-1] + PROBE_STRIDE, depth)
+    ends = np.arange(before, after) if whole_extent else np.r_[before : component[0], component[-1] + 1 : after]
     ends = np.setdiff1d(ends, probes)
     total = len(probes) + len(ends)
     if progress is not None:
@@ -289,7 +330,10 @@ class LiverSegmenter:
         batch_size: int | None = None,
         progress: ProgressCallback | None = None,
         keep_probabilities: bool = False,
+        stage1_whole_extent: bool = False,
     ) -> SegmentationResult:
+        """``stage1_whole_extent``: a cascade's stage 1 on the CPU runs every slice around the liver, as it does
+        when the card cuts stage 1's liver (training keeps them to judge such cuts: ``gate_liver``)."""
         timings: dict[str, float] = {}
         started = clock = time.perf_counter()
 
@@ -308,22 +352,23 @@ class LiverSegmenter:
         region: Box | None = whole_volume(ct_canonical.shape)
         if cascade and self.device == "cpu":  # on a GPU every slice costs little: stage 1 runs them all
             run_batch = self.network if self.runtime == "onnxruntime" else torch_runner(self.network)
-            probabilities, slices_run = stage1_liver_extent(run_batch, volume, self.card, batch_size or CPU_BATCH, _halves(progress, first=True) if progress else None)
+            probabilities, slices_run = stage1_liver_extent(run_batch, volume, self.card, batch_size or CPU_BATCH, _halves(progress, first=True) if progress else None,
+                                                            whole_extent=stage1_whole_extent or bool(self.card.graph_cut))
             used_device = "cpu"
         else:
             probabilities, used_device = self._probabilities(1, volume, postprocess, batch_size, _halves(progress, first=True) if cascade and progress else progress)
             slices_run = np.arange(len(volume))
         lap("network")
-        allowed, liver = None, None
+        allowed, liver, stage1_probabilities = None, None, None
         if cascade:
-            liver = stage1_liver(probabilities, slices_run, self.card)
+            liver, stage1_probabilities = stage1_liver(probabilities, slices_run, self.card), probabilities
             region = None
             if liver is not None:
                 stage2 = self.card.stage_card(2)
                 region = stage2_crop(liver, slices_run, ct_canonical.shape, self.card, spacing_mm)
                 crop_volume = prepare_volume(ct_canonical[region], stage2.window_hu, stage2.input_size)
                 probabilities, used_device = self._probabilities(2, crop_volume, False, batch_size, _halves(progress, first=False) if progress else None)
-                allowed = cascade_gate(self.card, liver, slices_run, region, ct_canonical.shape, spacing_mm)
+                allowed = cascade_gate(self.card, liver, slices_run, region, ct_canonical.shape, spacing_mm, stage1_probabilities, ct_canonical)
             lap("stage2")
         voxel_ml = voxel_volume_ml(image)
         label_canonical = np.zeros(ct_canonical.shape, np.uint8)
@@ -359,6 +404,7 @@ class LiverSegmenter:
             probabilities=probabilities if keep_probabilities and region is not None else None,
             region=region,
             stage1_liver=liver if cascade and keep_probabilities else None,
+            stage1_probabilities=stage1_probabilities if keep_probabilities else None,
             stage1_slices=slices_run if cascade and keep_probabilities else None,
             qc_warnings=qc_warnings(intensities.GetMinimum(), intensities.GetMaximum(), liver_ml, label_canonical),
         )

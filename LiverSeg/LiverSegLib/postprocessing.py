@@ -60,7 +60,7 @@ CUT_PROBABILITY_FLOOR = 1e-4
 
 def cut_organ(
     organ_probability: np.ndarray, ct_hu: np.ndarray, spacing_mm: tuple[float, float, float], smoothness: float, contrast_hu: float,
-    network_organ: np.ndarray | None = None,
+    network_organ: np.ndarray | None = None, free: np.ndarray | None = None,
 ) -> np.ndarray:
     """The organ (bool, same shape) as the exact minimum cut of a 3-D graph (Boykov and Jolly 2001) over a
     (Z, rows, cols) probability map and the CT on the same grid (HU): each voxel pays −log p to be organ and
@@ -72,10 +72,13 @@ def cut_organ(
     draws the boundary where the CT has an edge and drops what is joined to the organ through no edge
     (LiverSegTraining/RESULTS.md, "A graph cut of the liver"). Solved inside the box of the network's organ
     grown by ``CUT_REACH_MM`` (nothing farther becomes organ). A cut that keeps less than half of the
-    network's organ (too strong a ``smoothness`` empties it) is refused: the network's organ is returned.
+    network's organ (too strong a ``smoothness``) is refused: the network's organ is returned.
 
     ``network_organ``: the network's own organ (default p ≥ 0.5; a card's thresholds may differ): the side
-    each voxel takes when no boundary costs anything."""
+    each voxel takes when no boundary costs anything. ``free``: where the cut may decide (default
+    everywhere); elsewhere each voxel keeps the network's side and pulls its free neighbours to that side
+    by their boundary's cost: the graph holds the free voxels alone, the exact cut with the others fixed, as
+    fast as the free part is small (a cascade's stage 2 inside its gate, outside which it keeps no organ)."""
     if network_organ is None:
         network_organ = organ_probability >= 0.5
     if not network_organ.any():
@@ -84,36 +87,44 @@ def cut_organ(
     box = grow_box(bounding_box(network_organ), reach, organ_probability.shape)
     probability = np.clip(organ_probability[box], CUT_PROBABILITY_FLOOR, 1 - CUT_PROBABILITY_FLOOR).astype(np.float64)
     ct = np.asarray(ct_hu[box], dtype=np.float64)
-    shape, count = probability.shape, probability.size
-    index = np.arange(count).reshape(shape)
+    sure = network_organ[box]
+    is_free = np.ones(sure.shape, bool) if free is None else free[box]
+    count = int(np.count_nonzero(is_free))
+    node = np.full(sure.shape, -1, np.int64)
+    node[is_free] = np.arange(count)
     source, sink = count, count + 1  # source side: organ
-    tails, heads, capacities = [], [], []
-    for axis, step_mm in enumerate(spacing_mm):
-        first = np.delete(index, -1, axis=axis).ravel()
-        second = np.delete(index, 0, axis=axis).ravel()
-        weight = smoothness * np.exp(-np.diff(ct, axis=axis).ravel() ** 2 / (2 * contrast_hu**2)) / step_mm
-        tails += [first, second]
-        heads += [second, first]
-        capacities += [weight, weight]
     # Of a voxel's two costs only their difference log(p / (1 − p)) counts: one terminal edge a voxel, of at
     # least one unit towards the network's own side, so that a cut with no boundary cost is the network's organ.
-    logit = np.rint(np.log(probability / (1 - probability)).ravel() * CUT_COST_SCALE).astype(np.int32)
-    sure = network_organ[box].ravel()
+    logit = np.rint(np.log(probability[is_free] / (1 - probability[is_free])) * CUT_COST_SCALE).astype(np.int64)
+    to_organ = np.where(sure[is_free], np.maximum(logit, 1), 0)
+    to_background = np.where(sure[is_free], 0, np.maximum(-logit, 1))
+    tails, heads, capacities = [], [], []
+    for axis, step_mm in enumerate(spacing_mm):
+        first, second = (np.delete(array, end, axis=axis).ravel() for array, end in ((node, -1), (node, 0)))
+        weight = np.rint(smoothness * np.exp(-np.diff(ct, axis=axis).ravel() ** 2 / (2 * contrast_hu**2)) / step_mm * CUT_COST_SCALE).astype(np.int64)
+        first_organ, second_organ = (np.delete(sure, end, axis=axis).ravel() for end in (-1, 0))
+        both = (first >= 0) & (second >= 0)
+        tails += [first[both], second[both]]
+        heads += [second[both], first[both]]
+        capacities += [weight[both], weight[both]]
+        for free_end, fixed_end, fixed_organ in ((first, second, second_organ), (second, first, first_organ)):  # a free voxel beside a fixed one
+            beside = (free_end >= 0) & (fixed_end < 0)
+            np.add.at(to_organ, free_end[beside & fixed_organ], weight[beside & fixed_organ])
+            np.add.at(to_background, free_end[beside & ~fixed_organ], weight[beside & ~fixed_organ])
     voxels = np.arange(count)
-    tails += [np.full(np.count_nonzero(sure), source), voxels[~sure]]
-    heads += [voxels[sure], np.full(np.count_nonzero(~sure), sink)]
-    capacity = np.concatenate([np.rint(np.concatenate(capacities) * CUT_COST_SCALE).astype(np.int32),
-                               np.maximum(logit[sure], 1), np.maximum(-logit[~sure], 1)])
+    tails += [np.full(count, source), voxels]
+    heads += [voxels, np.full(count, sink)]
+    capacity = np.concatenate([*capacities, to_organ, to_background])
     kept = capacity > 0
-    graph = sparse.csr_matrix((capacity[kept], (np.concatenate(tails)[kept], np.concatenate(heads)[kept])), shape=(count + 2, count + 2))
+    graph = sparse.csr_matrix((capacity[kept].astype(np.int32), (np.concatenate(tails)[kept], np.concatenate(heads)[kept])), shape=(count + 2, count + 2))
     flow = maximum_flow(graph, source, sink, method="dinic").flow
     residual = (graph - flow).tocsr()
     residual.data[residual.data < 0] = 0
     residual.eliminate_zeros()
     organ_side = np.zeros(count + 2, bool)
     organ_side[breadth_first_order(residual, source, directed=True, return_predecessors=False)] = True
-    organ = np.zeros(organ_probability.shape, bool)
-    organ[box] = organ_side[:count].reshape(shape)
+    organ = network_organ.copy()
+    organ[box] = np.where(is_free, organ_side[np.maximum(node, 0)], sure)
     if np.count_nonzero(organ) < 0.5 * np.count_nonzero(network_organ):
         return network_organ
     return organ
