@@ -9,7 +9,7 @@ import logging
 import math
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from LiverSegLib.model import ModelCard, save_model
 from LiverSegLib.outputs import atomic_output, write_strict_json
 from LiverSegLib.runtime import export_int8_graph, export_onnx_graph
 from LiverSegLib.geometry import Box
-from LiverSegLib.pipeline import LiverSegmenter, cascade_gate, label_map_in_box, voxel_volume_ml
+from LiverSegLib.pipeline import LiverSegmenter, cascade_gate, graph_cut_probabilities, label_map_in_box, voxel_volume_ml
 from LiverSegLib.postprocessing import LESION, drop_small_lesions, lesion_volumes_ml
 
 from .augment import thick_slab
@@ -250,6 +250,9 @@ class InnerCase:
     expert: bool = True  # an expert label: its liver Dice is accuracy (a model-made one's is agreement with a model)
     ct: np.ndarray | None = None  # the canonical CT in HU: what a lesion_rule candidate and a graph cut read
     stage1_probabilities: np.ndarray | None = None  # a cascade's, kept where a cut of stage 1's liver is judged (gate_liver)
+    # The last card's gate and cut probabilities (``cut_outputs``): candidates that differ in lesion settings
+    # only (a lesion rule, a size bar) reuse them instead of cutting again.
+    cut_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool) -> InnerCase:
@@ -274,14 +277,41 @@ def reads_ct(config: TrainConfig) -> bool:
     return bool(config.lesion.lesion_rules() or config.card().graph_cut or config.graph_cut_candidates())
 
 
+def cut_outputs(case: InnerCase, card: ModelCard) -> tuple[np.ndarray | None, np.ndarray]:
+    """(gate, probabilities) of an inner case under ``card``: the engine's ``cascade_gate`` and, where the card
+    cuts the label map's organ, ``graph_cut_probabilities`` (what ``label_map_in_box`` would compute), kept for
+    the next card with the same cuts, gate margin and thresholds: the cuts take seconds, the rest of a label map less."""
+    cut = card.stage_card(card.stages).graph_cut
+    margin_mm = card.stage_card(2).gate_margin_mm if card.stages == 2 else 0.0
+    key = (json.dumps([card.graph_cut, cut], sort_keys=True), margin_mm, card.channel_thresholds())
+    if case.cut_cache.get("key") != key:
+        allowed = cascade_gate(card, case.stage1_liver, case.stage1_slices, case.region, case.truth.shape, case.spacing_mm, case.stage1_probabilities, case.ct)
+        probabilities = case.probabilities
+        if cut:
+            if case.ct is None or case.spacing_mm is None:
+                raise ValueError("a card with a graph_cut needs the inner case's CT and spacing")
+            probabilities = graph_cut_probabilities(case.probabilities, case.region, card, cut, case.ct, case.spacing_mm, allowed)
+        case.cut_cache.clear()
+        case.cut_cache.update(key=key, allowed=allowed, probabilities=probabilities)
+    return case.cut_cache["allowed"], case.cut_cache["probabilities"]
+
+
+def without_label_map_cut(card: ModelCard) -> ModelCard:
+    """``card`` with no cut of the label map's organ (a cascade's stage-1 cut kept: it only makes the gate)."""
+    if card.stages == 2:
+        return card.with_stage(2, replace(card.stage_card(2), graph_cut={}))
+    return replace(card, graph_cut={})
+
+
 def inner_label_map(case: InnerCase, card: ModelCard) -> np.ndarray:
-    """The engine's label map of an inner case under ``card``'s settings (its gate included), on the whole
-    canonical grid, from the stored outputs."""
+    """The engine's label map of an inner case under ``card``'s settings (its gate and cuts included), on the
+    whole canonical grid, from the stored outputs."""
     label_map = np.zeros(case.truth.shape, np.uint8)
     if case.region is None:
         return label_map
-    allowed = cascade_gate(card, case.stage1_liver, case.stage1_slices, case.region, case.truth.shape, case.spacing_mm, case.stage1_probabilities, case.ct)
-    box, in_box = label_map_in_box(case.probabilities, case.region, card, case.voxel_ml, allowed=allowed, ct_canonical=case.ct, spacing_mm=case.spacing_mm)
+    allowed, probabilities = cut_outputs(case, card)
+    box, in_box = label_map_in_box(probabilities, case.region, without_label_map_cut(card), case.voxel_ml, allowed=allowed,
+                                   ct_canonical=case.ct, spacing_mm=case.spacing_mm)
     label_map[box] = in_box
     return label_map
 

@@ -219,6 +219,18 @@ def test_graph_cut_chosen_by_inner_liver_dice_by_hand():
     assert chosen == {"graph_cut": strong, "mean_liver_dice_by_graph_cut": {"none": 200 / 260, "0.001/10": 200 / 260, "10/10": 1.0}}
     assert select_graph_cut([case], card, [weak])["graph_cut"] == {}  # a tie: no cut
     assert select_graph_cut([case], with_graph_cut(card, weak), [weak])["graph_cut"] == weak  # a tie: the card's own
+    # The engine's label map, and a card that differs in lesion settings only reuses the cut (cut_outputs).
+    from dataclasses import replace
+
+    from LiverSegLib.pipeline import label_map_in_box
+    from LiverSegTraining.runner import inner_label_map
+
+    cut_card = with_graph_cut(card, strong)
+    box, engine = label_map_in_box(probabilities, whole, cut_card, 0.001, ct_canonical=ct, spacing_mm=(1.0, 1.0, 1.0))
+    first = inner_label_map(case, cut_card)
+    assert np.array_equal(first[box], engine) and np.count_nonzero(first) == 100
+    cached = case.cut_cache["probabilities"]
+    assert np.array_equal(inner_label_map(case, replace(cut_card, min_lesion_ml=0.5)), first) and case.cut_cache["probabilities"] is cached
 
 
 def _small_expert_cases(data_root, folder):

@@ -127,10 +127,10 @@ def main() -> int:
         print(f"\n{name} (load {load_before} → {load_1min()})")
         rows = []
         for config, results in runs.items():
-            stages = {key: statistics.median(r[1]["timings_s"].get(key, 0.0) for r in results) for key in ("preprocess", "network", "stage2", "postprocess")}
+            stages = {key: statistics.median(r[1]["timings_s"].get(key, 0.0) for r in results) for key in ("preprocess", "network", "stage2", "gate", "postprocess")}
             crop = crop_figures(configs[config], ct) if configs[config] else "whole slices"
             rows.append([config, f"{statistics.median(r[0] for r in results):.2f}", *(f"{stages[k]:.2f}" for k in stages), crop])
-        print_table(["configuration", "whole command (s)", "preprocess", "stage 1 network", "stage 2", "post-process", "stage 2 sees"], rows)
+        print_table(["configuration", "whole command (s)", "preprocess", "stage 1 network", "stage 2", "gate (stage 1's cut)", "post-process (stage 2's cut)", "stage 2 sees"], rows)
     return 0
 
 

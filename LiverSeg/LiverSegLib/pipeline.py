@@ -368,8 +368,10 @@ class LiverSegmenter:
                 region = stage2_crop(liver, slices_run, ct_canonical.shape, self.card, spacing_mm)
                 crop_volume = prepare_volume(ct_canonical[region], stage2.window_hu, stage2.input_size)
                 probabilities, used_device = self._probabilities(2, crop_volume, False, batch_size, _halves(progress, first=False) if progress else None)
-                allowed = cascade_gate(self.card, liver, slices_run, region, ct_canonical.shape, spacing_mm, stage1_probabilities, ct_canonical)
             lap("stage2")
+            if liver is not None:  # stage 1's liver, cut on the CT where the card says so, around which stage 2 is kept
+                allowed = cascade_gate(self.card, liver, slices_run, region, ct_canonical.shape, spacing_mm, stage1_probabilities, ct_canonical)
+            lap("gate")
         voxel_ml = voxel_volume_ml(image)
         label_canonical = np.zeros(ct_canonical.shape, np.uint8)
         label_in_box = label_canonical[:0]
