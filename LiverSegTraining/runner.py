@@ -22,7 +22,7 @@ from LiverSegLib.model import ModelCard, save_model
 from LiverSegLib.outputs import atomic_output, write_strict_json
 from LiverSegLib.runtime import export_int8_graph, export_onnx_graph
 from LiverSegLib.geometry import Box
-from LiverSegLib.pipeline import LiverSegmenter, cascade_gate, graph_cut_probabilities, label_map_in_box, voxel_volume_ml
+from LiverSegLib.pipeline import LiverSegmenter, cascade_gate, label_map_cut, label_map_in_box, voxel_volume_ml
 from LiverSegLib.postprocessing import LESION, drop_small_lesions, lesion_volumes_ml
 
 from .augment import thick_slab
@@ -279,18 +279,13 @@ def reads_ct(config: TrainConfig) -> bool:
 
 def cut_outputs(case: InnerCase, card: ModelCard) -> tuple[np.ndarray | None, np.ndarray]:
     """(gate, probabilities) of an inner case under ``card``: the engine's ``cascade_gate`` and, where the card
-    cuts the label map's organ, ``graph_cut_probabilities`` (what ``label_map_in_box`` would compute), kept for
+    cuts the label map's organ, ``label_map_cut`` (what ``label_map_in_box`` would compute), kept for
     the next card with the same cuts, gate margin and thresholds: the cuts take seconds, the rest of a label map less."""
-    cut = card.stage_card(card.stages).graph_cut
     margin_mm = card.stage_card(2).gate_margin_mm if card.stages == 2 else 0.0
-    key = (json.dumps([card.graph_cut, cut], sort_keys=True), margin_mm, card.channel_thresholds())
+    key = (json.dumps([card.graph_cut, card.stage_card(card.stages).graph_cut], sort_keys=True), margin_mm, card.channel_thresholds())
     if case.cut_cache.get("key") != key:
         allowed = cascade_gate(card, case.stage1_liver, case.stage1_slices, case.region, case.truth.shape, case.spacing_mm, case.stage1_probabilities, case.ct)
-        probabilities = case.probabilities
-        if cut:
-            if case.ct is None or case.spacing_mm is None:
-                raise ValueError("a card with a graph_cut needs the inner case's CT and spacing")
-            probabilities = graph_cut_probabilities(case.probabilities, case.region, card, cut, case.ct, case.spacing_mm, allowed)
+        probabilities = label_map_cut(case.probabilities, case.region, card, case.ct, case.spacing_mm, allowed)
         case.cut_cache.clear()
         case.cut_cache.update(key=key, allowed=allowed, probabilities=probabilities)
     return case.cut_cache["allowed"], case.cut_cache["probabilities"]

@@ -88,11 +88,7 @@ def label_map_in_box(
     fraction of the CT): the label map is the same as on the whole grid (tested), since connectivity and
     hole filling need the organ and a rim or the edge of the volume only."""
     depths, rows, cols = region
-    cut = card.stage_card(card.stages).graph_cut  # the cut of the stage whose probabilities these are
-    if cut:
-        if ct_canonical is None or spacing_mm is None:
-            raise ValueError("a card with a graph_cut needs the canonical CT and its spacing")
-        probabilities = graph_cut_probabilities(probabilities, region, card, cut, ct_canonical, spacing_mm, allowed)
+    probabilities = label_map_cut(probabilities, region, card, ct_canonical, spacing_mm, allowed)
     (box_depths, box_rows, box_cols), masks = probabilities_to_box_masks(
         probabilities, SliceGrid(rows.stop - rows.start, cols.stop - cols.start), card.channel_thresholds())
     if allowed is not None:
@@ -108,6 +104,21 @@ def label_map_in_box(
     if rule:
         mark_darker_lesions(label_map, box, ct_canonical, spacing_mm, rule, card.min_lesion_ml, voxel_ml)
     return box, label_map
+
+
+def label_map_cut(
+    probabilities: np.ndarray, region: Box, card: ModelCard, ct_canonical: np.ndarray | None,
+    spacing_mm: tuple[float, float, float] | None, allowed: np.ndarray | None = None,
+) -> np.ndarray:
+    """``probabilities`` redrawn by the graph cut of the stage that made them (a single stage's, a cascade's
+    stage 2's: ``graph_cut_probabilities``), or as they are when that stage has none: the label map's cut,
+    which ``label_map_in_box`` applies and training keeps for candidates that share it."""
+    cut = card.stage_card(card.stages).graph_cut
+    if not cut:
+        return probabilities
+    if ct_canonical is None or spacing_mm is None:
+        raise ValueError("a card with a graph_cut needs the canonical CT and its spacing")
+    return graph_cut_probabilities(probabilities, region, card, cut, ct_canonical, spacing_mm, allowed)
 
 
 def graph_cut_probabilities(
