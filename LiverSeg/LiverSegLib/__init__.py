@@ -4,7 +4,8 @@ Layers, each importing only layers above it in ``LAYERS`` (``Testing/test_projec
 import, lazy ones included):
 
 1. ``errors``, ``options``, ``segments``, ``dependencies``: names and definitions, no imports of ours;
-2. ``io`` (the one reader and its checks) and ``geometry`` (index axes ↔ patient axes);
+2. ``io`` (the one reader and its checks), ``geometry`` (index axes ↔ patient axes) and ``mincut`` (the
+   exact minimum cut of a grid graph, compiled by Numba: the ``graphcut`` extra, imported lazily);
 3. ``outputs``: every file written (atomically), label maps, ``.seg.nrrd``, reports, summaries; it knows
    file formats, not the network, so the model cache writes its ONNX export through it too;
    then ``preview`` (the ``--preview`` PNG sheet; matplotlib, imported lazily);
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 LAYERS = (
     ("errors", "options", "segments", "dependencies"),
-    ("io", "geometry"),
+    ("io", "geometry", "mincut"),
     ("outputs",),
     ("preview",),
     ("preprocessing",),

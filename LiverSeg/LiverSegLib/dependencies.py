@@ -20,6 +20,8 @@ GPU_REQUIREMENTS = {  # beyond torch and torchvision (PyTorchUtils)
 }
 PINNED_WITH_TORCH = ("torch", "torchvision")
 GPU_INSTALL_HINT = "pip install 'liverseg[gpu]' (torch with CUDA)"  # what the CLI says when torch is missing
+GRAPH_CUT_REQUIREMENT = "numba>=0.59"  # a card with a graph cut (mincut.py); pyproject's graphcut extra
+GRAPH_CUT_INSTALL_HINT = "pip install 'liverseg[graphcut]' (numba)"
 
 
 def importable(module: str) -> bool:

@@ -27,7 +27,7 @@ from .inference import (
     torch_runner,
 )
 from .model import BUNDLED_CARD, ModelCard
-from .postprocessing import LIVER, compose_label_map, cut_organ, largest_component, lesion_volumes_ml, mark_darker_lesions
+from .postprocessing import LIVER, compose_label_map, cut_organ, largest_component, lesion_volumes_ml, mark_darker_lesions, require_graph_cut
 from .preprocessing import SliceGrid, liver_crop, prepare_volume, volume_to_model_grid
 from .qc import qc_warnings
 from .runtime import load_runtime_networks
@@ -316,6 +316,8 @@ class LiverSegmenter:
         else:
             self.runtime = "torch"
         assert card is not None
+        if any(card.stage_card(stage).graph_cut for stage in range(1, card.stages + 1)):
+            require_graph_cut()
         self.card = card
         self.networks = [self._on_device(network)] + ([self._on_device(stage2_network)] if card.stages == 2 else [])
         self.network = self.networks[0]

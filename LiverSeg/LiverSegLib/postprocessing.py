@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage, sparse
-from scipy.sparse.csgraph import breadth_first_order, maximum_flow
+from scipy import ndimage
 
+from .dependencies import GRAPH_CUT_INSTALL_HINT, importable
+from .errors import LiverSegInputError
 from .geometry import Box, bounding_box, grow_box
 
 LIVER, LESION = 1, 2
@@ -53,6 +54,13 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return _fill_enclosed(filled, *ndimage.label(~filled, structure=in_slice), (1, 2))
 
 
+def require_graph_cut() -> None:
+    """Refuse, in one line that says what to install, a card's graph cut where Numba (the ``graphcut``
+    extra) is missing: the engine asks when it loads such a card, before a minute of inference."""
+    if not importable("numba"):
+        raise LiverSegInputError(f"this model's graph cut needs numba, which is not installed: {GRAPH_CUT_INSTALL_HINT}")
+
+
 CUT_REACH_MM = 10.0  # how far beyond the network's organ a graph cut may add organ
 CUT_COST_SCALE = 100.0  # costs in nats → the int32 capacities of SciPy's max-flow (a hundredth of a nat)
 CUT_PROBABILITY_FLOOR = 1e-4
@@ -62,8 +70,8 @@ def cut_organ(
     organ_probability: np.ndarray, ct_hu: np.ndarray, spacing_mm: tuple[float, float, float], smoothness: float, contrast_hu: float,
     network_organ: np.ndarray | None = None, free: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The organ (bool, same shape) as the exact minimum cut of a 3-D graph (Boykov and Jolly 2001) over a
-    (Z, rows, cols) probability map and the CT on the same grid (HU): each voxel pays −log p to be organ and
+    """The organ (bool, same shape) as the exact minimum cut (``mincut.grid_min_cut``) of a 3-D graph
+    (Boykov and Jolly 2001) over a (Z, rows, cols) probability map and the CT on the same grid (HU): each voxel pays −log p to be organ and
     −log(1 − p) to be background; each pair of 6-neighbours on either side of the boundary pays
     ``smoothness`` · exp(−ΔHU² / 2 ``contrast_hu``²) / their distance in mm.
 
@@ -79,52 +87,43 @@ def cut_organ(
     everywhere); elsewhere each voxel keeps the network's side and pulls its free neighbours to that side
     by their boundary's cost: the graph holds the free voxels alone, the exact cut with the others fixed, as
     fast as the free part is small (a cascade's stage 2 inside its gate, outside which it keeps no organ)."""
+    require_graph_cut()
+    from .mincut import grid_min_cut  # Numba: the graphcut extra
+
     if network_organ is None:
         network_organ = organ_probability >= 0.5
     if not network_organ.any():
         return network_organ
     reach = tuple(math.ceil(CUT_REACH_MM / step) for step in spacing_mm)
     box = grow_box(bounding_box(network_organ), reach, organ_probability.shape)
+    if free is not None:  # the free voxels' box and their fixed neighbours: the rest cannot change the cut
+        if not free[box].any():
+            return network_organ
+        inner = grow_box(bounding_box(free[box]), (1, 1, 1), free[box].shape)
+        box = tuple(slice(outer.start + part.start, outer.start + part.stop) for outer, part in zip(box, inner))
     probability = np.clip(organ_probability[box], CUT_PROBABILITY_FLOOR, 1 - CUT_PROBABILITY_FLOOR).astype(np.float64)
     ct = np.asarray(ct_hu[box], dtype=np.float64)
     sure = network_organ[box]
     is_free = np.ones(sure.shape, bool) if free is None else free[box]
-    count = int(np.count_nonzero(is_free))
-    node = np.full(sure.shape, -1, np.int64)
-    node[is_free] = np.arange(count)
-    source, sink = count, count + 1  # source side: organ
-    # Of a voxel's two costs only their difference log(p / (1 − p)) counts: one terminal edge a voxel, of at
-    # least one unit towards the network's own side, so that a cut with no boundary cost is the network's organ.
-    logit = np.rint(np.log(probability[is_free] / (1 - probability[is_free])) * CUT_COST_SCALE).astype(np.int64)
-    to_organ = np.where(sure[is_free], np.maximum(logit, 1), 0)
-    to_background = np.where(sure[is_free], 0, np.maximum(-logit, 1))
-    tails, heads, capacities = [], [], []
+    # Of a voxel's two costs only their difference log(p / (1 − p)) counts: one net terminal capacity a voxel
+    # (> 0 from the source, the organ), of at least one unit towards the network's own side, so that a cut with
+    # no boundary cost is the network's organ.
+    logit = np.rint(np.log(probability / (1 - probability)) * CUT_COST_SCALE).astype(np.int64)
+    terminal = np.where(is_free, np.where(sure, np.maximum(logit, 1), np.minimum(logit, -1)), 0)
+    capacity = np.zeros((*sure.shape, 6), np.int32)
     for axis, step_mm in enumerate(spacing_mm):
-        first, second = (np.delete(array, end, axis=axis).ravel() for array, end in ((node, -1), (node, 0)))
-        weight = np.rint(smoothness * np.exp(-np.diff(ct, axis=axis).ravel() ** 2 / (2 * contrast_hu**2)) / step_mm * CUT_COST_SCALE).astype(np.int64)
-        first_organ, second_organ = (np.delete(sure, end, axis=axis).ravel() for end in (-1, 0))
-        both = (first >= 0) & (second >= 0)
-        tails += [first[both], second[both]]
-        heads += [second[both], first[both]]
-        capacities += [weight[both], weight[both]]
-        for free_end, fixed_end, fixed_organ in ((first, second, second_organ), (second, first, first_organ)):  # a free voxel beside a fixed one
-            beside = (free_end >= 0) & (fixed_end < 0)
-            np.add.at(to_organ, free_end[beside & fixed_organ], weight[beside & fixed_organ])
-            np.add.at(to_background, free_end[beside & ~fixed_organ], weight[beside & ~fixed_organ])
-    voxels = np.arange(count)
-    tails += [np.full(count, source), voxels]
-    heads += [voxels, np.full(count, sink)]
-    capacity = np.concatenate([*capacities, to_organ, to_background])
-    kept = capacity > 0
-    graph = sparse.csr_matrix((capacity[kept].astype(np.int32), (np.concatenate(tails)[kept], np.concatenate(heads)[kept])), shape=(count + 2, count + 2))
-    flow = maximum_flow(graph, source, sink, method="dinic").flow
-    residual = (graph - flow).tocsr()
-    residual.data[residual.data < 0] = 0
-    residual.eliminate_zeros()
-    organ_side = np.zeros(count + 2, bool)
-    organ_side[breadth_first_order(residual, source, directed=True, return_predecessors=False)] = True
+        weight = np.rint(smoothness * np.exp(-np.diff(ct, axis=axis) ** 2 / (2 * contrast_hu**2)) / step_mm * CUT_COST_SCALE).astype(np.int32)
+        lower, upper = (tuple(slice(*ends) if each == axis else slice(None) for each in range(3)) for ends in ((None, -1), (1, None)))
+        lower_free, upper_free = is_free[lower], is_free[upper]
+        both = np.where(lower_free & upper_free, weight, 0)
+        capacity[(*lower, 2 * axis)] = both  # towards +axis
+        capacity[(*upper, 2 * axis + 1)] = both  # towards −axis
+        # a free voxel beside a fixed one: pulled to the fixed voxel's side by their boundary's cost
+        terminal[lower] += np.where(lower_free & ~upper_free, np.where(sure[upper], weight, -weight), 0)
+        terminal[upper] += np.where(upper_free & ~lower_free, np.where(sure[lower], weight, -weight), 0)
+    organ_side = grid_min_cut(capacity, terminal)
     organ = network_organ.copy()
-    organ[box] = np.where(is_free, organ_side[np.maximum(node, 0)], sure)
+    organ[box] = np.where(is_free, organ_side, sure)
     if np.count_nonzero(organ) < 0.5 * np.count_nonzero(network_organ):
         return network_organ
     return organ
