@@ -261,7 +261,7 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
     train_cases, val_cases = split_cases(pool, config, held_out)
     result = fit(config, train_cases, val_cases, fold_dir, resume)
     ct, truth = held_out.load()
-    reads, cuts = reads_ct(config), bool(config.card().graph_cut or config.graph_cut_candidates())
+    reads, cuts = reads_ct(config), judges_cuts(config)
     # With cuts to judge, a cascade's stage 1 runs every slice around the liver on the CPU too (as on a GPU), for every candidate.
     segmented = segmenter_of(result, config.device).segment(ct, keep_probabilities=True, stage1_whole_extent=cuts)
     transform = canonical_transform(ct.GetDirection())
@@ -272,9 +272,14 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
                      segmented.stage1_probabilities if cuts else None)
 
 
+def judges_cuts(config: TrainConfig) -> bool:
+    """Whether inner cases are cut: the card has a graph cut or there are cut candidates."""
+    return bool(config.card().graph_cut or config.graph_cut_candidates())
+
+
 def reads_ct(config: TrainConfig) -> bool:
-    """Whether the inner choice reads the CT: lesion-rule candidates, the card's graph cut or cut candidates."""
-    return bool(config.lesion.lesion_rules() or config.card().graph_cut or config.graph_cut_candidates())
+    """Whether the inner choice reads the CT: lesion-rule candidates or cuts (``judges_cuts``)."""
+    return bool(config.lesion.lesion_rules()) or judges_cuts(config)
 
 
 def cut_outputs(case: InnerCase, card: ModelCard) -> tuple[np.ndarray | None, np.ndarray]:

@@ -126,14 +126,14 @@ def graph_cut_probabilities(
     spacing_mm: tuple[float, float, float], allowed: np.ndarray | None = None,
 ) -> np.ndarray:
     """The network's (Z, channels, n, n) probabilities over ``region`` with the organ redrawn by a card's
-    ``graph_cut`` (``cut``: ``cut_organ``), at ``card``'s thresholds. The cut runs on the network's own grid (the CT resized to it, in HU, as the
-    network's input is), which is what makes it cheap enough; it decides on which side of the threshold each
-    model-grid pixel lies, the network how far: a pixel the cut moves across is mirrored about the threshold
-    (0.8 → 0.2), the others keep their probability. So the bilinear boundary on the slice grid stays the
-    network's wherever the cut agrees with it, and a cut that changes nothing changes no voxel. Lesions
-    are kept inside the cut only. The result then goes through the thresholds, the gate and the clean-up
-    as the network's own probabilities do. With a cascade's gate (``allowed``) the cut decides inside it only:
-    outside, the organ is background already."""
+    ``graph_cut`` (``cut``: ``cut_organ``), at ``card``'s thresholds. The cut runs on the network's own grid
+    (the CT resized to it, in HU, as the network's input is), which is what makes it cheap enough; it decides
+    on which side of the threshold each model-grid pixel lies, the network how far: a pixel the cut moves
+    across is mirrored about the threshold (0.8 → 0.2), the others keep their probability. So the bilinear
+    boundary on the slice grid stays the network's wherever the cut agrees with it, and a cut that changes
+    nothing changes no voxel. Lesions are kept inside the cut only. The result then goes through the
+    thresholds, the gate and the clean-up as the network's own probabilities do. With a cascade's gate
+    (``allowed``) the cut decides inside it only: outside, the organ is background already."""
     depths, rows, cols = region
     size = probabilities.shape[-1]
     grid = SliceGrid(rows.stop - rows.start, cols.stop - cols.start)
