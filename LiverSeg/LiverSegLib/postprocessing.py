@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .dependencies import GRAPH_CUT_INSTALL_HINT, importable
+from .dependencies import GRAPH_CUT_INSTALL_HINT
 from .errors import LiverSegInputError
 from .geometry import Box, bounding_box, grow_box
 
@@ -57,12 +58,26 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 def require_graph_cut() -> None:
     """Refuse, in one line that says what to install, a card's graph cut where Numba (the ``graphcut``
     extra) is missing: the engine asks when it loads such a card, before a minute of inference."""
-    if not importable("numba"):
+    try:
+        found = importlib.util.find_spec("numba") is not None
+    except ImportError:  # a finder that refuses it
+        found = False
+    if not found:
         raise LiverSegInputError(f"this model's graph cut needs numba, which is not installed: {GRAPH_CUT_INSTALL_HINT}")
 
 
+def graph_cut_solver():
+    """``mincut.grid_min_cut``, imported: Numba's import and the compiled solver's load from its cache take
+    about 1 s on 2 cores, once a process (loading it in a thread while the networks ran saved nothing there)."""
+    try:
+        from .mincut import grid_min_cut
+    except ImportError as error:  # installed but broken
+        raise LiverSegInputError(f"this model's graph cut needs numba, which does not import ({error}): {GRAPH_CUT_INSTALL_HINT}") from error
+    return grid_min_cut
+
+
 CUT_REACH_MM = 10.0  # how far beyond the network's organ a graph cut may add organ
-CUT_COST_SCALE = 100.0  # costs in nats → the int32 capacities of SciPy's max-flow (a hundredth of a nat)
+CUT_COST_SCALE = 100.0  # costs in nats → the integer capacities of the max-flow (a hundredth of a nat)
 CUT_PROBABILITY_FLOOR = 1e-4
 
 
@@ -87,9 +102,7 @@ def cut_organ(
     everywhere); elsewhere each voxel keeps the network's side and pulls its free neighbours to that side
     by their boundary's cost: the graph holds the free voxels alone, the exact cut with the others fixed, as
     fast as the free part is small (a cascade's stage 2 inside its gate, outside which it keeps no organ)."""
-    require_graph_cut()
-    from .mincut import grid_min_cut  # Numba: the graphcut extra
-
+    grid_min_cut = graph_cut_solver()
     if network_organ is None:
         network_organ = organ_probability >= 0.5
     if not network_organ.any():
@@ -101,29 +114,40 @@ def cut_organ(
             return network_organ
         inner = grow_box(bounding_box(free[box]), (1, 1, 1), free[box].shape)
         box = tuple(slice(outer.start + part.start, outer.start + part.stop) for outer, part in zip(box, inner))
-    probability = np.clip(organ_probability[box], CUT_PROBABILITY_FLOOR, 1 - CUT_PROBABILITY_FLOOR).astype(np.float64)
-    ct = np.asarray(ct_hu[box], dtype=np.float64)
+    probability = np.clip(organ_probability[box], CUT_PROBABILITY_FLOOR, 1 - CUT_PROBABILITY_FLOOR).astype(np.float32)
+    ct = ct_hu[box].astype(np.float32)
     sure = network_organ[box]
-    is_free = np.ones(sure.shape, bool) if free is None else free[box]
+    is_free = None if free is None else free[box]
     # Of a voxel's two costs only their difference log(p / (1 − p)) counts: one net terminal capacity a voxel
     # (> 0 from the source, the organ), of at least one unit towards the network's own side, so that a cut with
     # no boundary cost is the network's organ.
     logit = np.rint(np.log(probability / (1 - probability)) * CUT_COST_SCALE).astype(np.int64)
-    terminal = np.where(is_free, np.where(sure, np.maximum(logit, 1), np.minimum(logit, -1)), 0)
+    terminal = np.where(sure, np.maximum(logit, 1), np.minimum(logit, -1))
+    if is_free is not None:
+        terminal[~is_free] = 0
     capacity = np.zeros((*sure.shape, 6), np.int32)
     for axis, step_mm in enumerate(spacing_mm):
-        weight = np.rint(smoothness * np.exp(-np.diff(ct, axis=axis) ** 2 / (2 * contrast_hu**2)) / step_mm * CUT_COST_SCALE).astype(np.int32)
+        weight = np.diff(ct, axis=axis)  # → the boundary's cost, in place (float32: the cut's time is in these passes)
+        np.square(weight, out=weight)
+        weight *= np.float32(-1 / (2 * contrast_hu**2))
+        np.exp(weight, out=weight)
+        weight *= np.float32(smoothness / step_mm * CUT_COST_SCALE)
+        weight = np.rint(weight, out=weight).astype(np.int32)
         lower, upper = (tuple(slice(*ends) if each == axis else slice(None) for each in range(3)) for ends in ((None, -1), (1, None)))
+        if is_free is None:
+            capacity[(*lower, 2 * axis)] = weight  # towards +axis
+            capacity[(*upper, 2 * axis + 1)] = weight  # towards −axis
+            continue
         lower_free, upper_free = is_free[lower], is_free[upper]
-        both = np.where(lower_free & upper_free, weight, 0)
-        capacity[(*lower, 2 * axis)] = both  # towards +axis
-        capacity[(*upper, 2 * axis + 1)] = both  # towards −axis
+        both = weight * (lower_free & upper_free)
+        capacity[(*lower, 2 * axis)] = both
+        capacity[(*upper, 2 * axis + 1)] = both
         # a free voxel beside a fixed one: pulled to the fixed voxel's side by their boundary's cost
         terminal[lower] += np.where(lower_free & ~upper_free, np.where(sure[upper], weight, -weight), 0)
         terminal[upper] += np.where(upper_free & ~lower_free, np.where(sure[lower], weight, -weight), 0)
     organ_side = grid_min_cut(capacity, terminal)
     organ = network_organ.copy()
-    organ[box] = np.where(is_free, organ_side, sure)
+    organ[box] = organ_side if is_free is None else np.where(is_free, organ_side, sure)
     if np.count_nonzero(organ) < 0.5 * np.count_nonzero(network_organ):
         return network_organ
     return organ
