@@ -50,6 +50,13 @@ def grid_min_cut(capacity: np.ndarray, terminal: np.ndarray) -> np.ndarray:
     return source_side.reshape(shape)[1:-1, 1:-1, 1:-1]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _arcs_between(node: int, direction: int, steps: np.ndarray) -> tuple[int, int, int]:  # pragma: no cover - compiled
+    """(the arc from ``node`` in ``direction``, the neighbour it leads to, the arc back)."""
+    neighbour = node + steps[direction]
+    return 6 * node + direction, neighbour, 6 * neighbour + (direction ^ 1)
+
+
 @njit(cache=True, nogil=True)
 def _boykov_kolmogorov(residual: np.ndarray, terminal: np.ndarray, steps: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """The source tree at the end (bool per node): the trees grow from the terminals' nodes until they meet,
@@ -94,9 +101,7 @@ def _boykov_kolmogorov(residual: np.ndarray, terminal: np.ndarray, steps: np.nda
         meeting_arc = -1
         sink_side = in_sink_tree[current]
         for direction in range(6):
-            arc = 6 * current + direction
-            neighbour = current + steps[direction]
-            back = 6 * neighbour + (direction ^ 1)
+            arc, neighbour, back = _arcs_between(current, direction, steps)
             if (residual[back] if sink_side else residual[arc]) <= 0:
                 continue
             if parent[neighbour] == _FREE:
@@ -179,9 +184,7 @@ def _boykov_kolmogorov(residual: np.ndarray, terminal: np.ndarray, steps: np.nda
             best_arc = -1
             best_distance = _INFINITE_DISTANCE
             for direction in range(6):
-                arc = 6 * orphan + direction
-                neighbour = orphan + steps[direction]
-                back = 6 * neighbour + (direction ^ 1)
+                arc, neighbour, back = _arcs_between(orphan, direction, steps)
                 if (residual[arc] if sink_side else residual[back]) <= 0:
                     continue
                 if parent[neighbour] == _FREE or in_sink_tree[neighbour] != sink_side:
@@ -220,9 +223,7 @@ def _boykov_kolmogorov(residual: np.ndarray, terminal: np.ndarray, steps: np.nda
                 continue
             parent[orphan] = _FREE
             for direction in range(6):
-                arc = 6 * orphan + direction
-                neighbour = orphan + steps[direction]
-                back = 6 * neighbour + (direction ^ 1)
+                arc, neighbour, back = _arcs_between(orphan, direction, steps)
                 if parent[neighbour] == _FREE or in_sink_tree[neighbour] != sink_side:
                     continue
                 if (residual[arc] if sink_side else residual[back]) > 0 and not is_active[neighbour]:
