@@ -241,7 +241,7 @@ class LiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApplyButton(self) -> None:
         parameters = self._parameterNode
         try:
-            if not self.logic.ensureDependencies(parameters.device, askConfirmation=True):
+            if not self.logic.ensureDependencies(parameters.device, askConfirmation=True, modelPath=parameters.modelPath):
                 self._resetPanel(_("Cancelled: LiverSeg needs the Python packages it asked for."))
                 return
             self._run = self.logic.start(
@@ -320,20 +320,33 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         return LiverSegParameterNode(super().getParameterNode())
 
     @staticmethod
-    def missingRequirements(device: str = "auto") -> list[str]:
+    def cardCuts(modelPath: str = "") -> bool:
+        """Whether the model (its card's path; empty: the bundled model) cuts its organ on the CT, which
+        needs Numba. A card that cannot be read counts as not cutting: the engine then says what is wrong."""
+        from LiverSegLib.errors import LiverSegInputError
+        from LiverSegLib.model import BUNDLED_CARD, read_card
+
+        try:
+            return read_card(modelPath or BUNDLED_CARD).cuts()
+        except (LiverSegInputError, OSError, ValueError):
+            return False
+
+    @staticmethod
+    def missingRequirements(device: str = "auto", modelPath: str = "") -> list[str]:
         from LiverSegLib.dependencies import missing_modules
 
-        return missing_modules(device)
+        return missing_modules(device, LiverSegLogic.cardCuts(modelPath))
 
-    def ensureDependencies(self, device: str = "auto", askConfirmation: bool = True) -> bool:
-        """Install what ``device`` needs and is missing, once and only after asking: ONNX Runtime (tens of MB)
-        for the CPU; for a GPU, torch only through the PyTorch extension's PyTorchUtils (the build that fits
-        the driver), then the other packages with their version bounds and with the installed torch and
-        torchvision pinned so pip never replaces them. Raises on a failed install (the caller shows the
-        message); False when the user declines."""
-        from LiverSegLib.dependencies import CPU_REQUIREMENTS, GPU_REQUIREMENTS, TORCH_VERSION, missing_modules, pip_arguments
+    def ensureDependencies(self, device: str = "auto", askConfirmation: bool = True, modelPath: str = "") -> bool:
+        """Install what ``device`` and the model need and is missing, once and only after asking: ONNX Runtime
+        (tens of MB) for the CPU; for a GPU, torch only through the PyTorch extension's PyTorchUtils (the
+        build that fits the driver), then the other packages with their version bounds and with the installed
+        torch and torchvision pinned so pip never replaces them; Numba for a model that cuts its organ on the
+        CT. Raises on a failed install (the caller shows the message); False when the user declines."""
+        from LiverSegLib.dependencies import CPU_REQUIREMENTS, GPU_REQUIREMENTS, GRAPH_CUT_REQUIREMENT, TORCH_VERSION, missing_modules, pip_arguments
 
-        missing = missing_modules(device)
+        graphCut = self.cardCuts(modelPath)
+        missing = missing_modules(device, graphCut)
         if not missing:
             return True
         if askConfirmation and not slicer.app.commandOptions().testingEnabled:
@@ -351,10 +364,10 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                                    "from the Extensions Manager (it picks the torch build that fits this computer)") from None
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=TORCH_VERSION) is None:
                 return False
-        pip_missing = [r for r in missing_modules(device) if r in CPU_REQUIREMENTS or r in GPU_REQUIREMENTS]
+        pip_missing = [r for r in missing_modules(device, graphCut) if r in CPU_REQUIREMENTS or r in GPU_REQUIREMENTS or r == GRAPH_CUT_REQUIREMENT]
         if pip_missing:
             slicer.util.pip_install(pip_arguments(pip_missing))
-        still_missing = missing_modules(device)
+        still_missing = missing_modules(device, graphCut)
         if still_missing:
             raise RuntimeError(f"still missing after installing: {', '.join(still_missing)}")
         return True

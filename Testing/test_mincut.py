@@ -163,3 +163,23 @@ def test_card_with_a_cut_without_numba_is_refused_in_one_line(model_copy, tmp_pa
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "graph cut needs numba" in lines[0] and "liverseg[graphcut]" in lines[0], run.stderr
     assert not output.exists()
+
+
+def test_a_card_says_whether_it_cuts_and_what_that_needs(model_copy):
+    """``ModelCard.cuts``: the bundled card does not; a card with stage 1's cut or only stage 2's does. What the
+    Slicer module installs then names numba with the bounds of pyproject's ``graphcut`` extra."""
+    import tomllib
+    from dataclasses import replace
+
+    from LiverSegLib.dependencies import GRAPH_CUT_REQUIREMENT, missing_modules
+    from LiverSegLib.model import read_card
+
+    card = read_card(model_copy[0])
+    assert not card.cuts()
+    assert replace(card, graph_cut={"smoothness": 128.0, "contrast_hu": 10.0}).cuts()
+    stage2 = replace(card, graph_cut={}, weights_file="liverseg.stage2.safetensors")
+    cascade = card.with_stage(2, replace(stage2, graph_cut={"smoothness": 128.0, "contrast_hu": 10.0}, crop_margin_mm=15.0))
+    assert cascade.cuts() and not card.with_stage(2, replace(stage2, crop_margin_mm=15.0)).cuts()
+    extras = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert extras["graphcut"] == [GRAPH_CUT_REQUIREMENT] and "liverseg[graphcut]" in extras["train"]
+    assert missing_modules("cpu", graph_cut=True) == []  # numba is installed here (the test extra)

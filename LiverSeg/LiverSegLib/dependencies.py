@@ -41,11 +41,14 @@ def needs_torch(device: str) -> bool:
     return device in ("cuda", "mps")
 
 
-def missing_modules(device: str = "cpu") -> list[str]:
-    """The pip requirements (and ``torch``) that ``device`` needs and this Python cannot import."""
+def missing_modules(device: str = "cpu", graph_cut: bool = False) -> list[str]:
+    """The pip requirements (and ``torch``) that ``device`` needs and this Python cannot import; with
+    ``graph_cut`` (a card that cuts its organ on the CT: ``ModelCard.cuts``) Numba too."""
     import importlib.util
 
     wanted = dict(CPU_REQUIREMENTS)
+    if graph_cut:
+        wanted[GRAPH_CUT_REQUIREMENT] = "numba"
     missing = []
     if needs_torch(device):
         wanted.update(GPU_REQUIREMENTS)

@@ -119,6 +119,11 @@ class ModelCard:
         that best separates lesions need not be the liver's; else the card's."""
         return self.threshold if self.lesion_threshold is None else self.lesion_threshold
 
+    def cuts(self) -> bool:
+        """Whether a stage cuts its organ on the CT (``graph_cut``): such a card needs Numba, the ``graphcut``
+        extra, which the engine checks on load and the Slicer module installs with the rest."""
+        return any(self.stage_card(stage).graph_cut for stage in range(1, self.stages + 1))
+
     def channel_thresholds(self) -> tuple[float, ...]:
         """The probability threshold of each channel (``lesion_channel_threshold`` for the lesion channel)."""
         return tuple(self.lesion_channel_threshold if name == "liver_lesion" else self.threshold for name in self.channels)

@@ -316,7 +316,7 @@ class LiverSegmenter:
         else:
             self.runtime = "torch"
         assert card is not None
-        if any(card.stage_card(stage).graph_cut for stage in range(1, card.stages + 1)):
+        if card.cuts():
             require_graph_cut()
         self.card = card
         self.networks = [self._on_device(network)] + ([self._on_device(stage2_network)] if card.stages == 2 else [])
