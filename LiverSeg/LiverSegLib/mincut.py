@@ -57,6 +57,16 @@ def _arcs_between(node: int, direction: int, steps: np.ndarray) -> tuple[int, in
     return 6 * node + direction, neighbour, 6 * neighbour + (direction ^ 1)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _orphan_in_front(node: int, parent: np.ndarray, orphans: np.ndarray, first: int) -> int:  # pragma: no cover - compiled
+    """Mark ``node`` an orphan and put it in front of the ring ``orphans`` (one slot more than there are
+    nodes), where an augmentation's orphans go; the ring's new first index."""
+    parent[node] = _ORPHAN
+    first = first - 1 if first > 0 else len(orphans) - 1
+    orphans[first] = node
+    return first
+
+
 @njit(cache=True, nogil=True)
 def _boykov_kolmogorov(residual: np.ndarray, terminal: np.ndarray, steps: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """The source tree at the end (bool per node): the trees grow from the terminals' nodes until they meet,
@@ -151,15 +161,11 @@ def _boykov_kolmogorov(residual: np.ndarray, terminal: np.ndarray, steps: np.nda
             residual[arc] += bottleneck
             residual[down] -= bottleneck
             if residual[down] == 0:
-                parent[node] = _ORPHAN
-                orphan_first = orphan_first - 1 if orphan_first > 0 else node_count
-                orphans[orphan_first] = node
+                orphan_first = _orphan_in_front(node, parent, orphans, orphan_first)
             node = upper
         terminal[node] -= bottleneck
         if terminal[node] == 0:
-            parent[node] = _ORPHAN
-            orphan_first = orphan_first - 1 if orphan_first > 0 else node_count
-            orphans[orphan_first] = node
+            orphan_first = _orphan_in_front(node, parent, orphans, orphan_first)
         node = to_node
         while parent[node] != _TERMINAL:
             arc = parent[node]
@@ -167,15 +173,11 @@ def _boykov_kolmogorov(residual: np.ndarray, terminal: np.ndarray, steps: np.nda
             residual[arc] -= bottleneck
             residual[6 * upper + ((arc % 6) ^ 1)] += bottleneck
             if residual[arc] == 0:
-                parent[node] = _ORPHAN
-                orphan_first = orphan_first - 1 if orphan_first > 0 else node_count
-                orphans[orphan_first] = node
+                orphan_first = _orphan_in_front(node, parent, orphans, orphan_first)
             node = upper
         terminal[node] += bottleneck
         if terminal[node] == 0:
-            parent[node] = _ORPHAN
-            orphan_first = orphan_first - 1 if orphan_first > 0 else node_count
-            orphans[orphan_first] = node
+            orphan_first = _orphan_in_front(node, parent, orphans, orphan_first)
         # adopt the orphans: a new parent in the same tree whose path reaches the terminal, or free them
         while orphan_first != orphan_end:
             orphan = orphans[orphan_first]

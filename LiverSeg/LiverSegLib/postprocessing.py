@@ -86,9 +86,9 @@ def cut_organ(
     network_organ: np.ndarray | None = None, free: np.ndarray | None = None,
 ) -> np.ndarray:
     """The organ (bool, same shape) as the exact minimum cut (``mincut.grid_min_cut``) of a 3-D graph
-    (Boykov and Jolly 2001) over a (Z, rows, cols) probability map and the CT on the same grid (HU): each voxel pays −log p to be organ and
-    −log(1 − p) to be background; each pair of 6-neighbours on either side of the boundary pays
-    ``smoothness`` · exp(−ΔHU² / 2 ``contrast_hu``²) / their distance in mm.
+    (Boykov and Jolly 2001) over a (Z, rows, cols) probability map and the CT on the same grid (HU): each
+    voxel pays −log p to be organ and −log(1 − p) to be background; each pair of 6-neighbours on either side
+    of the boundary pays ``smoothness`` · exp(−ΔHU² / 2 ``contrast_hu``²) / their distance in mm.
 
     Why: the network judges each pixel from a low-resolution view and runs the liver into neighbours of the
     same grey (pancreas, duodenum, a mass beside the right lobe) through voxels it is unsure of; the cut
@@ -100,8 +100,9 @@ def cut_organ(
     ``network_organ``: the network's own organ (default p ≥ 0.5; a card's thresholds may differ): the side
     each voxel takes when no boundary costs anything. ``free``: where the cut may decide (default
     everywhere); elsewhere each voxel keeps the network's side and pulls its free neighbours to that side
-    by their boundary's cost: the graph holds the free voxels alone, the exact cut with the others fixed, as
-    fast as the free part is small (a cascade's stage 2 inside its gate, outside which it keeps no organ)."""
+    by their boundary's cost: the exact cut with the others fixed, solved in the box of the free voxels, where
+    a fixed voxel is a node with no arc and no terminal (a cascade's stage 2 inside its gate, outside which it
+    keeps no organ)."""
     grid_min_cut = graph_cut_solver()
     if network_organ is None:
         network_organ = organ_probability >= 0.5
