@@ -273,13 +273,16 @@ def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: 
 
 
 def judges_cuts(config: TrainConfig) -> bool:
-    """Whether inner cases are cut: the card has a graph cut or there are cut candidates."""
+    """Whether inner cases cut stage 1's liver (a single stage's organ): the card has that graph cut or there
+    are cut candidates, which are that stage's."""
     return bool(config.card().graph_cut or config.graph_cut_candidates())
 
 
 def reads_ct(config: TrainConfig) -> bool:
-    """Whether the inner choice reads the CT: lesion-rule candidates or cuts (``judges_cuts``)."""
-    return bool(config.lesion.lesion_rules()) or judges_cuts(config)
+    """Whether the inner choice reads the CT: lesion-rule candidates, cuts of stage 1 (``judges_cuts``) or a
+    cascade's stage-2 cut."""
+    stage2_cuts = bool(config.stage2 and config.stage2_config().card().graph_cut)
+    return bool(config.lesion.lesion_rules()) or judges_cuts(config) or stage2_cuts
 
 
 def cut_outputs(case: InnerCase, card: ModelCard) -> tuple[np.ndarray | None, np.ndarray]:

@@ -205,7 +205,7 @@ def test_cascade_segments_inside_stage1_box_with_either_runtime(cascade_model, d
     result = segmenter.segment(ct, keep_probabilities=True, progress=lambda done, total: steps.append((done, total)))
     transform = canonical_transform(ct.GetDirection())
     expected, gate = stage1_crop(segmenter, ct, segmenter.card)
-    assert result.region == expected and segmenter.card.stage_card(2).gate_margin_mm == 15.0  # the recipe's gate
+    assert result.region == expected and segmenter.card.stage_card(2).gate_margin_mm == 3.0  # the recipe's gate
     depth = expected[0].stop - expected[0].start
     assert result.probabilities.shape == (depth, 2, 64, 64)
     assert result.label_image.GetSize() == ct.GetSize() and result.label_image.GetSpacing() == ct.GetSpacing()

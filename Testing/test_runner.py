@@ -233,6 +233,23 @@ def test_graph_cut_chosen_by_inner_liver_dice_by_hand():
     assert np.array_equal(inner_label_map(case, replace(cut_card, min_lesion_ml=0.5)), first) and case.cut_cache["probabilities"] is cached
 
 
+
+def test_inner_cases_keep_what_their_cuts_read():
+    """Inner cases keep the CT where any stage's cut (or a lesion rule) reads it, and stage 1's probabilities
+    where stage 1's liver is cut or a cut is to be chosen: a cascade with stage 2's cut alone needs the CT."""
+    from conftest import PROJECT_ROOT
+
+    from LiverSegTraining.runner import judges_cuts, reads_ct
+
+    recipe = PROJECT_ROOT / "LiverSegTraining/configs/cascade.toml"
+    no_rules = ["lesion.rule_sigmas_mm=[]", "lesion.rule_erodes_mm=[]", "lesion.rule_k_mads=[]"]
+    stage2_cut_only = load_config(recipe, [*no_rules, "model.graph_cut={}", "graph_cuts={}"])
+    no_cut = load_config(recipe, [*no_rules, "model.graph_cut={}", "graph_cuts={}", "stage2.model.graph_cut={}"])
+    assert judges_cuts(load_config(recipe)) and reads_ct(load_config(recipe))
+    assert not judges_cuts(stage2_cut_only) and reads_ct(stage2_cut_only)
+    assert not judges_cuts(no_cut) and not reads_ct(no_cut)
+    assert judges_cuts(load_config(recipe, [*no_rules, "model.graph_cut={}"]))  # cut candidates: stage 1's
+
 def _small_expert_cases(data_root, folder):
     """The small weak-label volumes under names the case reader takes for expert labels, so that nested
     cross-validation runs in seconds; small_a gets a 27-voxel lesion inside its liver (a lesion case)."""

@@ -146,13 +146,17 @@ def test_config_extends_another(tmp_path):
     cascade = load_config(PROJECT_ROOT / "LiverSegTraining/configs/cascade.toml")
     bundled = load_config(PROJECT_ROOT / "LiverSegTraining/configs/bundled.toml")
     assert cascade.version == "0.3.0" and cascade.schedule == bundled.schedule
-    assert cascade.model == {**bundled.model, "encoder": "tu-regnetx_002", "decoder_channels": [64, 32, 16, 8, 8], "input_size": 128}
+    assert cascade.model == {**bundled.model, "encoder": "tu-regnetx_002", "decoder_channels": [64, 32, 16, 8, 8], "input_size": 128,
+                            "graph_cut": {"smoothness": 128.0, "contrast_hu": 10.0}}
     assert cascade.augment.noise_hu == (0.0, 25.0) and cascade.augment.scale == bundled.augment.scale  # one key changed, the rest kept
     assert cascade.augment.edge_probability == 0.1 and bundled.augment.edge_probability == 0.0
     stage2 = cascade.stage2_config()
     assert stage2.card().input_size == 224 and stage2.card().crop_margin_mm == 15.0 and stage2.card().encoder == "tu-regnetx_002"
-    assert stage2.card().gate_margin_mm == 15.0 and cascade.card().gate_margin_mm == 0.0
-    assert cascade.gate_margins_mm() == [0.0, 5.0, 10.0, 15.0] and cascade.lesion.selection == "inner"
+    assert stage2.card().gate_margin_mm == 3.0 and cascade.card().gate_margin_mm == 0.0
+    assert cascade.gate_margins_mm() == [0.0, 3.0, 5.0, 10.0, 15.0] and cascade.lesion.selection == "inner"
+    # both stages cut their organ on the CT; the inner folds choose stage 1's among four cuts and none
+    assert stage2.card().graph_cut == cascade.card().graph_cut and bundled.card().graph_cut == {}
+    assert len(cascade.graph_cut_candidates()) == 4 and cascade.card().with_stage(2, stage2.card()).cuts()
     assert len(cascade.lesion.lesion_rules()) == 12 and bundled.lesion.lesion_rules() == []
     assert stage2.augment.synthetic_lesion_probability == 0.3 and cascade.augment.synthetic_lesion_probability == 0.0
     assert replace(stage2.augment, synthetic_lesion_probability=0.0) == cascade.augment  # the rest of the augmentation is stage 1's
