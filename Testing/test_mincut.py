@@ -1,5 +1,5 @@
 """The grid graph's minimum cut (mincut.grid_min_cut, our Boykov-Kolmogorov max-flow): hand-computed cuts of
-a few nodes; the same source side as SciPy's Dinic plus a breadth-first search of its residual on random
+a few nodes; the graph of an organ on a CT (mincut.ct_graph) by hand; the same source side as SciPy's Dinic plus a breadth-first search of its residual on random
 grids and on the graph of a real CT's liver; and a card with a cut refused in one line where Numba is
 missing."""
 
@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage, sparse
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
-from LiverSegLib.mincut import grid_min_cut
+from LiverSegLib.mincut import ct_graph, grid_min_cut, padded_min_cut
 from LiverSegLib.postprocessing import cut_organ
 
 from conftest import PROJECT_ROOT, read_case
@@ -110,6 +110,32 @@ def test_same_source_side_as_scipy_on_random_grids():
         assert np.array_equal(grid_min_cut(capacity, terminal), scipy_source_side(capacity, terminal)), shape
 
 
+def test_ct_graph_by_hand():
+    """Two voxels side by side along the columns, 2 mm apart: p 0.9 (organ) and 0.2, 100 and 90 HU; smoothness
+    10, contrast 10 HU, a hundredth of a nat. Terminals rint(100 log 9) = 220 and rint(100 log 0.25) = −139;
+    the arc each way rint(100 · 10 / 2 · exp(−10² / 200)) = rint(303.27) = 303. With the second voxel fixed
+    (background) the first has no arc and 220 − 303 = −83; with the first fixed (organ) the second
+    −139 + 303 = 164. A probability of one half is one unit towards the voxel's own side."""
+    probability = np.array([[[0.9, 0.2]]], np.float32)
+    ct_hu = np.array([[[100.0, 90.0]]], np.float32)
+    organ = np.array([[[True, False]]])
+    spacing_mm = (1.0, 1.0, 2.0)
+
+    def graph(free=None, p=probability):
+        residual, terminal = ct_graph(p, ct_hu, organ, free, spacing_mm, 10.0, 10.0, 100.0, 1e-4)
+        assert residual.shape == (3, 3, 4, 6) and not residual[[0, -1]].any() and not terminal[:, :, [0, -1]].any()  # the border
+        return residual[1, 1, 1:-1], terminal[1, 1, 1:-1]
+
+    residual, terminal = graph()
+    assert terminal.tolist() == [220, -139] and residual.tolist() == [[0, 0, 0, 0, 303, 0], [0, 0, 0, 0, 0, 303]]
+    residual, terminal = graph(np.array([[[True, False]]]))
+    assert terminal.tolist() == [-83, 0] and not residual.any()
+    residual, terminal = graph(np.array([[[False, True]]]))
+    assert terminal.tolist() == [0, 164] and not residual.any()
+    assert graph(p=np.full((1, 1, 2), 0.5, np.float32))[1].tolist() == [1, -1]
+    with pytest.raises(ValueError, match="below"):
+        ct_graph(probability, ct_hu, organ, None, (1e-6, 1.0, 1.0), 1e4, 10.0, 100.0, 1e-4)
+
 def test_liver_cut_of_a_real_ct_matches_scipy(data_root, monkeypatch):
     """ircad_01's expert liver blurred into a probability map on the 3 mm grid of a cascade's stage 1 (a
     probability of 0.7 inside, 0.3 within 6 mm outside), cut on its CT (128, 10): the source side of our
@@ -123,14 +149,14 @@ def test_liver_cut_of_a_real_ct_matches_scipy(data_root, monkeypatch):
     probability = np.where(liver, 0.7, np.where(near, 0.3, 0.01)).astype(np.float32)
     captured = {}
 
-    def solver(capacity, terminal):
-        captured["graph"] = capacity.copy(), terminal.copy()
-        return grid_min_cut(capacity, terminal)
+    def solver(residual, terminal):
+        captured["graph"] = residual[1:-1, 1:-1, 1:-1].copy(), terminal[1:-1, 1:-1, 1:-1].copy()  # without the border
+        return padded_min_cut(residual, terminal)
 
-    monkeypatch.setattr("LiverSegLib.mincut.grid_min_cut", solver)  # keeps the graph cut_organ builds
+    monkeypatch.setattr("LiverSegLib.mincut.padded_min_cut", solver)  # keeps the graph cut_organ builds
     organ = cut_organ(probability, ct_hu, spacing_mm, 128.0, 10.0)
     capacity, terminal = captured["graph"]
-    assert terminal.size > 50_000
+    assert terminal.size > 50_000 and not capacity[_leaves(terminal.shape)].any()
     assert np.array_equal(grid_min_cut(capacity, terminal), scipy_source_side(capacity, terminal))
     assert not np.array_equal(organ, liver)  # the cut did move the boundary
 

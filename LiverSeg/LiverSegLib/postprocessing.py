@@ -67,13 +67,13 @@ def require_graph_cut() -> None:
 
 
 def graph_cut_solver():
-    """``mincut.grid_min_cut``, imported: Numba's import and the compiled solver's load from its cache take
+    """The ``mincut`` module, imported: Numba's import and the compiled solver's load from its cache take
     about 1 s on 2 cores, once a process (loading it in a thread while the networks ran saved nothing there)."""
     try:
-        from .mincut import grid_min_cut
+        from . import mincut
     except ImportError as error:  # installed but broken
         raise LiverSegInputError(f"this model's graph cut needs numba, which does not import ({error}): {GRAPH_CUT_INSTALL_HINT}") from error
-    return grid_min_cut
+    return mincut
 
 
 CUT_REACH_MM = 10.0  # how far beyond the network's organ a graph cut may add organ
@@ -85,7 +85,7 @@ def cut_organ(
     organ_probability: np.ndarray, ct_hu: np.ndarray, spacing_mm: tuple[float, float, float], smoothness: float, contrast_hu: float,
     network_organ: np.ndarray | None = None, free: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The organ (bool, same shape) as the exact minimum cut (``mincut.grid_min_cut``) of a 3-D graph
+    """The organ (bool, same shape) as the exact minimum cut (``mincut.padded_min_cut`` of ``mincut.ct_graph``) of a 3-D graph
     (Boykov and Jolly 2001) over a (Z, rows, cols) probability map and the CT on the same grid (HU): each
     voxel pays −log p to be organ and −log(1 − p) to be background; each pair of 6-neighbours on either side
     of the boundary pays ``smoothness`` · exp(−ΔHU² / 2 ``contrast_hu``²) / their distance in mm.
@@ -103,7 +103,7 @@ def cut_organ(
     by their boundary's cost: the exact cut with the others fixed, solved in the box of the free voxels, where
     a fixed voxel is a node with no arc and no terminal (a cascade's stage 2 inside its gate, outside which it
     keeps no organ)."""
-    grid_min_cut = graph_cut_solver()
+    mincut = graph_cut_solver()
     if network_organ is None:
         network_organ = organ_probability >= 0.5
     if not network_organ.any():
@@ -115,38 +115,13 @@ def cut_organ(
             return network_organ
         inner = grow_box(bounding_box(free[box]), (1, 1, 1), free[box].shape)
         box = tuple(slice(outer.start + part.start, outer.start + part.stop) for outer, part in zip(box, inner))
-    probability = np.clip(organ_probability[box], CUT_PROBABILITY_FLOOR, 1 - CUT_PROBABILITY_FLOOR).astype(np.float32)
-    ct = ct_hu[box].astype(np.float32)
     sure = network_organ[box]
     is_free = None if free is None else free[box]
     # Of a voxel's two costs only their difference log(p / (1 − p)) counts: one net terminal capacity a voxel
     # (> 0 from the source, the organ), of at least one unit towards the network's own side, so that a cut with
-    # no boundary cost is the network's organ.
-    logit = np.rint(np.log(probability / (1 - probability)) * CUT_COST_SCALE).astype(np.int64)
-    terminal = np.where(sure, np.maximum(logit, 1), np.minimum(logit, -1))
-    if is_free is not None:
-        terminal[~is_free] = 0
-    capacity = np.zeros((*sure.shape, 6), np.int32)
-    for axis, step_mm in enumerate(spacing_mm):
-        weight = np.diff(ct, axis=axis)  # → the boundary's cost, in place (float32: the cut's time is in these passes)
-        np.square(weight, out=weight)
-        weight *= np.float32(-1 / (2 * contrast_hu**2))
-        np.exp(weight, out=weight)
-        weight *= np.float32(smoothness / step_mm * CUT_COST_SCALE)
-        weight = np.rint(weight, out=weight).astype(np.int32)
-        lower, upper = (tuple(slice(*ends) if each == axis else slice(None) for each in range(3)) for ends in ((None, -1), (1, None)))
-        if is_free is None:
-            capacity[(*lower, 2 * axis)] = weight  # towards +axis
-            capacity[(*upper, 2 * axis + 1)] = weight  # towards −axis
-            continue
-        lower_free, upper_free = is_free[lower], is_free[upper]
-        both = weight * (lower_free & upper_free)
-        capacity[(*lower, 2 * axis)] = both
-        capacity[(*upper, 2 * axis + 1)] = both
-        # a free voxel beside a fixed one: pulled to the fixed voxel's side by their boundary's cost
-        terminal[lower] += np.where(lower_free & ~upper_free, np.where(sure[upper], weight, -weight), 0)
-        terminal[upper] += np.where(upper_free & ~lower_free, np.where(sure[lower], weight, -weight), 0)
-    organ_side = grid_min_cut(capacity, terminal)
+    # no boundary cost is the network's organ (mincut.ct_graph).
+    graph = mincut.ct_graph(organ_probability[box], ct_hu[box], sure, is_free, spacing_mm, smoothness, contrast_hu, CUT_COST_SCALE, CUT_PROBABILITY_FLOOR)
+    organ_side = mincut.padded_min_cut(*graph)
     organ = network_organ.copy()
     organ[box] = organ_side if is_free is None else np.where(is_free, organ_side, sure)
     if np.count_nonzero(organ) < 0.5 * np.count_nonzero(network_organ):
