@@ -343,7 +343,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
         build that fits the driver), then the other packages with their version bounds and with the installed
         torch and torchvision pinned so pip never replaces them; Numba for a model that cuts its organ on the
         CT. Raises on a failed install (the caller shows the message); False when the user declines."""
-        from LiverSegLib.dependencies import CPU_REQUIREMENTS, GPU_REQUIREMENTS, GRAPH_CUT_REQUIREMENT, TORCH_VERSION, missing_modules, pip_arguments
+        from LiverSegLib.dependencies import TORCH_VERSION, missing_modules, pip_arguments
 
         graphCut = self.cardCuts(modelPath)
         missing = missing_modules(device, graphCut)
@@ -364,7 +364,7 @@ class LiverSegLogic(ScriptedLoadableModuleLogic):
                                    "from the Extensions Manager (it picks the torch build that fits this computer)") from None
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=TORCH_VERSION) is None:
                 return False
-        pip_missing = [r for r in missing_modules(device, graphCut) if r in CPU_REQUIREMENTS or r in GPU_REQUIREMENTS or r == GRAPH_CUT_REQUIREMENT]
+        pip_missing = [r for r in missing_modules(device, graphCut) if r != "torch"]  # torch only ever through PyTorchUtils
         if pip_missing:
             slicer.util.pip_install(pip_arguments(pip_missing))
         still_missing = missing_modules(device, graphCut)
