@@ -1,6 +1,6 @@
 """The grid graph's minimum cut (mincut.grid_min_cut, our Boykov-Kolmogorov max-flow): hand-computed cuts of
-a few nodes; the graph of an organ on a CT (mincut.ct_graph) by hand; the same source side as SciPy's Dinic plus a breadth-first search of its residual on random
-grids and on the graph of a real CT's liver; and a card with a cut refused in one line where Numba is
+a few nodes; the graph of an organ on a CT (mincut.ct_graph) by hand; the same source side as SciPy's Dinic
+plus a breadth-first search of its residual on random grids and on the graph of a real CT's liver; and a card with a cut refused in one line where Numba is
 missing."""
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def test_ct_graph_by_hand():
     assert graph(p=np.full((1, 1, 2), 0.5, np.float32))[1].tolist() == [1, -1]
     with pytest.raises(ValueError, match="below"):
         ct_graph(probability, ct_hu, organ, None, (1e-6, 1.0, 1.0), 1e4, 10.0, 100.0, 1e-4)
+
 
 def test_liver_cut_of_a_real_ct_matches_scipy(data_root, monkeypatch):
     """ircad_01's expert liver blurred into a probability map on the 3 mm grid of a cascade's stage 1 (a

@@ -233,7 +233,6 @@ def test_graph_cut_chosen_by_inner_liver_dice_by_hand():
     assert np.array_equal(inner_label_map(case, replace(cut_card, min_lesion_ml=0.5)), first) and case.cut_cache["probabilities"] is cached
 
 
-
 def test_inner_cases_keep_what_their_cuts_read():
     """Inner cases keep the CT where any stage's cut (or a lesion rule) reads it, and stage 1's probabilities
     where stage 1's liver is cut or a cut is to be chosen: a cascade with stage 2's cut alone needs the CT."""
@@ -249,6 +248,7 @@ def test_inner_cases_keep_what_their_cuts_read():
     assert not judges_cuts(stage2_cut_only) and reads_ct(stage2_cut_only)
     assert not judges_cuts(no_cut) and not reads_ct(no_cut)
     assert judges_cuts(load_config(recipe, [*no_rules, "model.graph_cut={}"]))  # cut candidates: stage 1's
+
 
 def _small_expert_cases(data_root, folder):
     """The small weak-label volumes under names the case reader takes for expert labels, so that nested

@@ -85,10 +85,10 @@ def cut_organ(
     organ_probability: np.ndarray, ct_hu: np.ndarray, spacing_mm: tuple[float, float, float], smoothness: float, contrast_hu: float,
     network_organ: np.ndarray | None = None, free: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The organ (bool, same shape) as the exact minimum cut (``mincut.padded_min_cut`` of ``mincut.ct_graph``) of a 3-D graph
-    (Boykov and Jolly 2001) over a (Z, rows, cols) probability map and the CT on the same grid (HU): each
-    voxel pays −log p to be organ and −log(1 − p) to be background; each pair of 6-neighbours on either side
-    of the boundary pays ``smoothness`` · exp(−ΔHU² / 2 ``contrast_hu``²) / their distance in mm.
+    """The organ (bool, same shape) as the exact minimum cut (``mincut.padded_min_cut`` of ``mincut.ct_graph``)
+    of a 3-D graph (Boykov and Jolly 2001) over a (Z, rows, cols) probability map and the CT on the same grid
+    (HU): each voxel pays −log p to be organ and −log(1 − p) to be background; each pair of 6-neighbours on
+    either side of the boundary pays ``smoothness`` · exp(−ΔHU² / 2 ``contrast_hu``²) / their distance in mm.
 
     Why: the network judges each pixel from a low-resolution view and runs the liver into neighbours of the
     same grey (pancreas, duodenum, a mass beside the right lobe) through voxels it is unsure of; the cut
