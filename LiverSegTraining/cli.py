@@ -30,6 +30,7 @@ def train_main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         output_dir = Path(args.output or config.output_dir)
         evaluation: dict = {}
+        trainings: dict = {}  # shared by the cross-validation and the final model (runner.fit_once)
         if args.folds and not args.crossval:
             raise LiverSegInputError("--folds needs --crossval")
         folds = args.folds.split(",") if args.folds else None
@@ -38,13 +39,13 @@ def train_main(argv: list[str] | None = None) -> int:
             raise LiverSegInputError("--seeds needs --crossval")
         config.seed = seeds[0]
         if args.crossval:
-            rows, summary = crossvalidate_seeds(config, output_dir, seeds, args.resume, folds)
+            rows, summary = crossvalidate_seeds(config, output_dir, seeds, args.resume, folds, trainings)
             evaluation = {"method": "leave-one-patient-out over expert-labelled volumes, full engine at full resolution", "per_case": rows, "summary": summary, "lesions_validated": summary["lesions_validated"]}
             write_results(rows, summary, output_dir / "RESULTS.md", "liverseg-train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
         if folds:
             print(f"partial cross-validation written: {output_dir / 'RESULTS.md'}")
             return 0
-        card_path = train_final(config, output_dir, evaluation, args.resume)
+        card_path = train_final(config, output_dir, evaluation, args.resume, trainings)
     except LiverSegInputError as error:
         print(f"liverseg-train: error: {error}", file=sys.stderr)
         return 2

@@ -232,6 +232,29 @@ def fit(config: TrainConfig, train_cases: list[Case], val_cases: list[Case], out
     return result
 
 
+# What one run (a cross-validation and its final model) has trained, by ``training_key``.
+Trainings = dict[tuple[str, tuple[str, ...], tuple[str, ...]], TrainResult]
+
+
+def training_key(config: TrainConfig, train_cases: list[Case], val_cases: list[Case]) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """The settings (seed included) and the patients of a training: two trainings with one key are the same."""
+    return repr(config), tuple(sorted(c.name for c in train_cases)), tuple(sorted(c.name for c in val_cases))
+
+
+def fit_once(config: TrainConfig, train_cases: list[Case], val_cases: list[Case], output_dir: Path, resume: bool, trainings: Trainings) -> TrainResult:
+    """``fit``, unless ``trainings`` already holds the same training (then its result, trained in another
+    folder). Why: nested cross-validation trains the same patients more than once. The inner fold of outer
+    fold A that holds out B trains on what outer fold B's inner fold holding out A does, and the final model's
+    inner fold holding out an expert patient trains on what that patient's outer fold does. With three expert
+    and two weak-label training patients that is 15 trainings of a cascade per seed instead of 21."""
+    key = training_key(config, train_cases, val_cases)
+    if key in trainings:
+        log.info("the training on %s is the one already made: reused, not trained again in %s", list(key[1]), output_dir)
+    else:
+        trainings[key] = fit(config, train_cases, val_cases, output_dir, resume)
+    return trainings[key]
+
+
 @dataclass
 class InnerCase:
     """An inner validation patient's network output, stored so that every candidate lesion setting is
@@ -255,11 +278,11 @@ class InnerCase:
     cut_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
-def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool) -> InnerCase:
+def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool, trainings: Trainings) -> InnerCase:
     """Train on ``pool``'s training patients other than ``held_out`` and keep ``held_out``'s probabilities (and
     its canonical CT where lesion rules or the card's graph cut read it: about 70 MB a CT otherwise held for nothing)."""
     train_cases, val_cases = split_cases(pool, config, held_out)
-    result = fit(config, train_cases, val_cases, fold_dir, resume)
+    result = fit_once(config, train_cases, val_cases, fold_dir, resume, trainings)
     ct, truth = held_out.load()
     reads, cuts = reads_ct(config), judges_cuts(config)
     # With cuts to judge, a cascade's stage 1 runs every slice around the liver on the CPU too (as on a GPU), for every candidate.
@@ -418,14 +441,15 @@ def select_lesion_settings(cases: list[InnerCase], card: ModelCard, grid: Lesion
     return {**best, "chosen_on": [case.name for case in cases]}
 
 
-def choose_lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Path, resume: bool) -> dict:
+def choose_lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Path, resume: bool, trainings: Trainings | None = None) -> dict:
     """Lesion settings for a model trained on ``pool``'s training patients, chosen on those patients alone
     by inner leave-one-patient-out folds (``LESION_SELECTION_RULE``): the outer fold's test patient is not
     in ``pool``, so the settings it is judged with never saw it."""
     train_cases, _ = split_cases(pool, config)
     if len(train_cases) < 2:
         raise LiverSegInputError("choosing lesion settings on inner folds needs at least two training patients")
-    inner = [inner_case(config, pool, held_out, output_dir / f"inner_{held_out.name}", resume) for held_out in train_cases]
+    trainings = {} if trainings is None else trainings
+    inner = [inner_case(config, pool, held_out, output_dir / f"inner_{held_out.name}", resume, trainings) for held_out in train_cases]
     card, gate = config.card(), {}
     if config.stage2:
         card = card.with_stage(2, config.stage2_config().card())
@@ -446,9 +470,9 @@ def choose_lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Pa
     return chosen
 
 
-def lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Path, resume: bool) -> dict:
+def lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Path, resume: bool, trainings: Trainings) -> dict:
     """``choose_lesion_settings`` when ``lesion.selection`` is "inner"; nothing ("fixed": the card's own)."""
-    return choose_lesion_settings(config, pool, output_dir, resume) if config.lesion.selection == "inner" else {}
+    return choose_lesion_settings(config, pool, output_dir, resume, trainings) if config.lesion.selection == "inner" else {}
 
 
 def with_lesion_settings(card: ModelCard, settings: dict) -> ModelCard:
@@ -579,11 +603,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, folds: list[str] | None = None) -> tuple[list[dict], dict]:
+def crossvalidate(
+    config: TrainConfig, output_dir: Path, resume: bool = False, folds: list[str] | None = None, trainings: Trainings | None = None,
+) -> tuple[list[dict], dict]:
     """Leave one expert-labelled patient out; each held-out volume is segmented by the full engine.
 
     ``folds`` restricts the held-out cases (a quick comparison of settings); training sets stay the same.
+    ``trainings``: what this run has trained already (``fit_once``), shared with its final model.
     """
+    trainings = {} if trainings is None else trainings
     cases = load_cases(config)
     experts = [c for c in cases if c.is_expert and c.name not in config.split.val]
     if len(experts) < 2:
@@ -597,8 +625,8 @@ def crossvalidate(config: TrainConfig, output_dir: Path, resume: bool = False, f
     for test in experts:
         fold_dir = output_dir / f"fold_{test.name}"
         train_cases, val_cases = split_cases(cases, config, test)
-        settings = lesion_settings(config, [c for c in cases if c != test], fold_dir, resume)
-        result = fit(config, train_cases, val_cases, fold_dir, resume)
+        settings = lesion_settings(config, [c for c in cases if c != test], fold_dir, resume, trainings)
+        result = fit_once(config, train_cases, val_cases, fold_dir, resume, trainings)
         segmenter = segmenter_of(result, config.device, with_lesion_settings(result.card, settings))
         row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png", other_scanners=True)
         row["trained_on"] = " ".join(c.name for c in train_cases)
@@ -639,16 +667,18 @@ def lesions_validated(rows: list[dict]) -> bool:
     return bool(per_case) and min(float(np.mean(dices)) for dices in per_case.values()) >= LESION_DICE_BAR
 
 
-def crossvalidate_seeds(config: TrainConfig, output_dir: Path, seeds: list[int], resume: bool = False, folds: list[str] | None = None) -> tuple[list[dict], dict]:
+def crossvalidate_seeds(
+    config: TrainConfig, output_dir: Path, seeds: list[int], resume: bool = False, folds: list[str] | None = None, trainings: Trainings | None = None,
+) -> tuple[list[dict], dict]:
     """``crossvalidate`` once per seed (``output_dir/seed_N``), the same folds and settings each time: the
     rows carry their seed, and the summary adds how far the per-seed means lie apart (``seed_spread``), the
     training-to-training noise every comparison has to beat. One seed: ``crossvalidate`` as it is."""
     if len(seeds) == 1:
-        return crossvalidate(replace(config, seed=seeds[0]), output_dir, resume, folds)
+        return crossvalidate(replace(config, seed=seeds[0]), output_dir, resume, folds, trainings)
     rows: list[dict] = []
     stage1_rows: list[dict] = []
     for seed in seeds:
-        seed_rows, seed_summary = crossvalidate(replace(config, seed=seed), output_dir / f"seed_{seed}", resume, folds)
+        seed_rows, seed_summary = crossvalidate(replace(config, seed=seed), output_dir / f"seed_{seed}", resume, folds, trainings)
         rows += [{**row, "seed": seed} for row in seed_rows]
         stage1_rows += [{**row, "seed": seed} for row in seed_summary.get("stage1_alone", {}).get("per_case", [])]
     summary = {**summarise(rows), **seed_spread(rows), "seeds": list(seeds), "lesions_validated": lesions_validated(rows)}
@@ -695,13 +725,15 @@ def format_seed_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def train_final(config: TrainConfig, output_dir: Path, evaluation: dict, resume: bool = False) -> Path:
+def train_final(config: TrainConfig, output_dir: Path, evaluation: dict, resume: bool = False, trainings: Trainings | None = None) -> Path:
     """Train on every expert case (validation cases excepted) and export the model with ``evaluation``;
-    with ``lesion.selection`` "inner" its lesion settings are chosen by inner folds over all training patients."""
+    with ``lesion.selection`` "inner" its lesion settings are chosen by inner folds over all training patients
+    (those that hold out an expert patient are that patient's outer fold where ``trainings`` holds it)."""
     cases = load_cases(config)
     train_cases, val_cases = split_cases(cases, config)
-    settings = lesion_settings(config, cases, output_dir / "final", resume)
-    result = fit(config, train_cases, val_cases, output_dir / "final", resume)
+    trainings = {} if trainings is None else trainings
+    settings = lesion_settings(config, cases, output_dir / "final", resume, trainings)
+    result = fit_once(config, train_cases, val_cases, output_dir / "final", resume, trainings)
     card_path = export(result, config, train_cases, output_dir, evaluation, settings)
     segmenter = LiverSegmenter(card_path, device=config.device)
     for case in val_cases[:2]:

@@ -279,7 +279,9 @@ def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_roo
     """Nested cross-validation (lesion.selection = "inner") on three small cases: the fold that tests
     small_a chooses its lesion settings from the grid on inner folds over small_b and small_c only and
     records them in its row and RESULTS.md; the final model's card carries settings chosen on inner folds
-    over all three training patients."""
+    over all three training patients. Each set of patients is trained once in the run: the fold testing
+    small_b reuses the network of small_a's inner fold that holds out small_b (both train on small_c
+    alone), and the final model's inner folds holding out small_a and small_b are those outer folds."""
     from LiverSegLib.model import read_card
     from LiverSegTraining.runner import LESION_SELECTION_RULE, crossvalidate, train_final, write_results
 
@@ -290,18 +292,26 @@ def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_roo
                                                   "graph_cuts={smoothness=[64.0], contrast_hu=[10.0]}"])
     config = load_config(None, overrides)
     assert config.graph_cut_candidates() == [{"smoothness": 64.0, "contrast_hu": 10.0}]
-    rows, summary = crossvalidate(config, tmp_path / "cv", folds=["small_a"])
+    trainings = {}
+    rows, summary = crossvalidate(config, tmp_path / "cv", folds=["small_a", "small_b"], trainings=trainings)
     grid = config.lesion
     assert rows[0]["graph_cut"] in ("none", "64/10")
-    assert [r["case"] for r in rows] == ["small_a"]
+    assert [r["case"] for r in rows] == ["small_a", "small_b"]
     assert rows[0]["lesion_chosen_on"].split() == ["small_b", "small_c"] == rows[0]["trained_on"].split()
+    assert rows[1]["lesion_chosen_on"].split() == ["small_a", "small_c"] == rows[1]["trained_on"].split()
     assert rows[0]["lesion_threshold"] in grid.thresholds and rows[0]["min_lesion_ml"] in grid.min_sizes_ml
-    assert sorted(p.name for p in (tmp_path / "cv" / "fold_small_a").glob("inner_*")) == ["inner_small_b", "inner_small_c"]
+    trained = sorted(str(path.parent.relative_to(tmp_path)) for path in tmp_path.glob("**/history.json"))
+    assert trained == ["cv/fold_small_a", "cv/fold_small_a/inner_small_b", "cv/fold_small_a/inner_small_c", "cv/fold_small_b",
+                       "cv/fold_small_b/inner_small_c"]
+    assert [names for _, names, _ in trainings] == [("small_c",), ("small_b",), ("small_b", "small_c"), ("small_a",), ("small_a", "small_c")]
     write_results(rows, summary, tmp_path / "cv" / "RESULTS.md", "test")
     results = (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
     assert LESION_SELECTION_RULE in results and "| lesion_threshold | min_lesion_ml | graph_cut | lesion_source | lesion_chosen_on |" in results
 
-    card = read_card(train_final(config, tmp_path / "final", {"summary": summary}))
+    card = read_card(train_final(config, tmp_path / "final", {"summary": summary}, trainings=trainings))
+    trained_now = sorted(str(path.parent.relative_to(tmp_path)) for path in tmp_path.glob("final/**/history.json"))
+    assert trained_now == ["final/final", "final/final/inner_small_c"]  # inner folds without small_a, small_b: the outer folds'
+    assert len(trainings) == 7
     selection = card.training["lesion_selection"]
     assert selection["chosen_on"] == names
     assert (card.lesion_threshold, card.min_lesion_ml, card.lesion_rule) == (selection["lesion_threshold"], selection["min_lesion_ml"], selection["lesion_rule"])
