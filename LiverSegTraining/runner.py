@@ -241,6 +241,29 @@ def training_key(config: TrainConfig, train_cases: list[Case], val_cases: list[C
     return repr(config), tuple(sorted(c.name for c in train_cases)), tuple(sorted(c.name for c in val_cases))
 
 
+def run_record_key(config: TrainConfig, pool: list[Case], test: Case | None) -> dict:
+    """What a stored fold outcome (``read_run_record``) was computed from: the settings (seed included), the
+    patients the choice or the training saw, and the held-out patient."""
+    return {"config": repr(config), "pool": sorted(c.name for c in pool), "test": test.name if test else None}
+
+
+def read_run_record(path: Path, key: dict, resume: bool) -> dict | None:
+    """With ``resume``, what ``write_run_record`` stored at ``path`` under the same ``key``; else None. Why: a
+    resumed run (a CPU run spans several starts) would otherwise choose each finished fold's settings and
+    evaluate it again, minutes a fold, to the same figures."""
+    if not resume or not path.is_file():
+        return None
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    return stored["value"] if stored.get("key") == key else None
+
+
+def write_run_record(path: Path, key: dict, value: dict) -> None:
+    """``value`` (rows or chosen settings: NaN kept, as Python's json writes it) stored atomically under ``key``."""
+    text = json.dumps({"key": key, "value": value}, default=lambda item: item.item() if isinstance(item, np.generic) else str(item))
+    with atomic_output(path, ".json") as temporary:
+        Path(temporary).write_text(text + "\n", encoding="utf-8")
+
+
 def fit_once(config: TrainConfig, train_cases: list[Case], val_cases: list[Case], output_dir: Path, resume: bool, trainings: Trainings) -> TrainResult:
     """``fit``, unless ``trainings`` already holds the same training (then its result, trained in another
     folder). Why: nested cross-validation trains the same patients more than once. The inner fold of outer
@@ -278,11 +301,15 @@ class InnerCase:
     cut_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
+def inner_training(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool, trainings: Trainings) -> TrainResult:
+    """The inner fold's network: trained on ``pool``'s training patients other than ``held_out``."""
+    return fit_once(config, *split_cases(pool, config, held_out), fold_dir, resume, trainings)
+
+
 def inner_case(config: TrainConfig, pool: list[Case], held_out: Case, fold_dir: Path, resume: bool, trainings: Trainings) -> InnerCase:
     """Train on ``pool``'s training patients other than ``held_out`` and keep ``held_out``'s probabilities (and
     its canonical CT where lesion rules or the card's graph cut read it: about 70 MB a CT otherwise held for nothing)."""
-    train_cases, val_cases = split_cases(pool, config, held_out)
-    result = fit_once(config, train_cases, val_cases, fold_dir, resume, trainings)
+    result = inner_training(config, pool, held_out, fold_dir, resume, trainings)
     ct, truth = held_out.load()
     reads, cuts = reads_ct(config), judges_cuts(config)
     # With cuts to judge, a cascade's stage 1 runs every slice around the liver on the CPU too (as on a GPU), for every candidate.
@@ -449,6 +476,13 @@ def choose_lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Pa
     if len(train_cases) < 2:
         raise LiverSegInputError("choosing lesion settings on inner folds needs at least two training patients")
     trainings = {} if trainings is None else trainings
+    record, key = output_dir / "lesion_settings.json", run_record_key(config, pool, None)
+    stored = read_run_record(record, key, resume)
+    if stored is not None:  # the inner networks still join ``trainings``: later folds and the final model reuse them
+        for held_out in train_cases:
+            inner_training(config, pool, held_out, output_dir / f"inner_{held_out.name}", resume, trainings)
+        log.info("lesion settings chosen on %s before this start: %s (%s)", stored["chosen_on"], describe_lesion_source(stored), record)
+        return stored
     inner = [inner_case(config, pool, held_out, output_dir / f"inner_{held_out.name}", resume, trainings) for held_out in train_cases]
     card, gate = config.card(), {}
     if config.stage2:
@@ -467,6 +501,7 @@ def choose_lesion_settings(config: TrainConfig, pool: list[Case], output_dir: Pa
     chosen = {**select_lesion_settings(inner, card, config.lesion), **gate, **cut}
     log.info("lesion settings chosen on %s: %s, minimum %.2f mL (mean lesion Dice %.3f, %.2f false lesions per lesion-free liver)",
              chosen["chosen_on"], describe_lesion_source(chosen), chosen["min_lesion_ml"], chosen["mean_lesion_dice"], chosen["false_lesions_per_free_liver"])
+    write_run_record(record, key, chosen)
     return chosen
 
 
@@ -603,6 +638,27 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def evaluate_fold(
+    config: TrainConfig, result: TrainResult, settings: dict, test: Case, train_cases: list[Case], val_cases: list[Case], fold_dir: Path,
+) -> dict:
+    """A fold's rows: its held-out patient (``other_scanners`` too), then its validation cases; and, for a
+    cascade, the held-out patient under stage 1 alone (``stage1_rows``)."""
+    segmenter = segmenter_of(result, config.device, with_lesion_settings(result.card, settings))
+    row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png", other_scanners=True)
+    row["trained_on"] = " ".join(c.name for c in train_cases)
+    row.update(lesion_columns(settings))
+    rows = [{**row, "fold": test.name}]
+    # The validation cases were never trained on either: their livers, labelled without lesions, count the
+    # fold's false lesions on another scanner (their liver figures are agreement with a model, not accuracy).
+    for case in val_cases:
+        rows.append({**evaluate_case(segmenter, case), "trained_on": row["trained_on"], "fold": test.name})
+    stage1_rows = []
+    if result.stage2:  # what stage 2 adds: the same fold's stage 1 as a single-stage model, on the same patient
+        alone = LiverSegmenter(device=config.device, card=replace(segmenter.card, stage2={}), network=result.network)
+        stage1_rows.append({**evaluate_case(alone, test, other_scanners=True), "fold": test.name})
+    return {"rows": rows, "stage1_rows": stage1_rows}
+
+
 def crossvalidate(
     config: TrainConfig, output_dir: Path, resume: bool = False, folds: list[str] | None = None, trainings: Trainings | None = None,
 ) -> tuple[list[dict], dict]:
@@ -627,22 +683,20 @@ def crossvalidate(
         train_cases, val_cases = split_cases(cases, config, test)
         settings = lesion_settings(config, [c for c in cases if c != test], fold_dir, resume, trainings)
         result = fit_once(config, train_cases, val_cases, fold_dir, resume, trainings)
-        segmenter = segmenter_of(result, config.device, with_lesion_settings(result.card, settings))
-        row = evaluate_case(segmenter, test, fold_dir / f"panel_{test.name}.png", other_scanners=True)
-        row["trained_on"] = " ".join(c.name for c in train_cases)
-        row.update(lesion_columns(settings))
-        rows.append({**row, "fold": test.name})
+        record, key = fold_dir / "fold_rows.json", run_record_key(config, cases, test)
+        fold = read_run_record(record, key, resume)
+        if fold is None:
+            fold = evaluate_fold(config, result, settings, test, train_cases, val_cases, fold_dir)
+            write_run_record(record, key, fold)
+        else:
+            log.info("fold %s evaluated before this start: its rows read from %s", test.name, record)
+        row = fold["rows"][0]
         log.info(
             "fold %s: liver Dice %.4f, lesion Dice %s, lesions found %d of %d, false lesions %d (%.1f mL)", test.name, row["liver_dice"],
             row.get("lesion_dice", "n/a"), row["lesion_detected_count"], row["lesion_true_count"], row["lesion_false_count"], row["lesion_false_ml"],
         )
-        # The validation cases were never trained on either: their livers, labelled without lesions, count the
-        # fold's false lesions on another scanner (their liver figures are agreement with a model, not accuracy).
-        for case in val_cases:
-            rows.append({**evaluate_case(segmenter, case), "trained_on": row["trained_on"], "fold": test.name})
-        if result.stage2:  # what stage 2 adds: the same fold's stage 1 as a single-stage model, on the same patient
-            alone = LiverSegmenter(device=config.device, card=replace(segmenter.card, stage2={}), network=result.network)
-            stage1_rows.append({**evaluate_case(alone, test, other_scanners=True), "fold": test.name})
+        rows += fold["rows"]
+        stage1_rows += fold["stage1_rows"]
     summary = summarise(rows)
     summary["lesions_validated"] = lesions_validated(rows)
     write_table(rows, output_dir / "crossval")

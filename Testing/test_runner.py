@@ -3,6 +3,8 @@ the patient it did not train on, and ``--folds`` restricts the held-out cases.""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -275,7 +277,7 @@ def _small_expert_cases(data_root, folder):
     return list(sources)
 
 
-def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_root, tmp_path):
+def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_root, tmp_path, caplog):
     """Nested cross-validation (lesion.selection = "inner") on three small cases: the fold that tests
     small_a chooses its lesion settings from the grid on inner folds over small_b and small_c only and
     records them in its row and RESULTS.md; the final model's card carries settings chosen on inner folds
@@ -304,6 +306,16 @@ def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_roo
     assert trained == ["cv/fold_small_a", "cv/fold_small_a/inner_small_b", "cv/fold_small_a/inner_small_c", "cv/fold_small_b",
                        "cv/fold_small_b/inner_small_c"]
     assert [names for _, names, _ in trainings] == [("small_c",), ("small_b",), ("small_b", "small_c"), ("small_a",), ("small_a", "small_c")]
+    # Started again with --resume: each fold's settings and rows are read back, not chosen or evaluated anew, and
+    # its networks (loaded from their checkpoints) still join the record that later folds and the final model reuse.
+    caplog.set_level(logging.INFO, logger="LiverSegTraining")
+    trainings_again = {}
+    rows_again, summary_again = crossvalidate(config, tmp_path / "cv", resume=True, folds=["small_a", "small_b"], trainings=trainings_again)
+    as_text = lambda value: json.dumps(value, sort_keys=True, default=lambda item: item.item())  # NaN as NaN, numpy scalars as Python's
+    assert as_text(rows_again) == as_text(rows) and as_text(summary_again) == as_text(summary)
+    assert list(trainings_again) == list(trainings)
+    assert caplog.text.count("before this start") == 4  # two choices of settings, two folds' rows
+    assert sorted(str(path.parent.relative_to(tmp_path)) for path in tmp_path.glob("**/history.json")) == trained
     write_results(rows, summary, tmp_path / "cv" / "RESULTS.md", "test")
     results = (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
     assert LESION_SELECTION_RULE in results and "| lesion_threshold | min_lesion_ml | graph_cut | lesion_source | lesion_chosen_on |" in results
