@@ -677,11 +677,13 @@ def crossvalidate(
         if unknown:
             raise LiverSegInputError(f"--folds names no expert test case: {', '.join(unknown)} (expert cases: {', '.join(c.name for c in experts)})")
         experts = [c for c in experts if c.name in folds]
-    rows, stage1_rows = [], []
+    rows, stage1_rows, choices = [], [], []
     for test in experts:
         fold_dir = output_dir / f"fold_{test.name}"
         train_cases, val_cases = split_cases(cases, config, test)
         settings = lesion_settings(config, [c for c in cases if c != test], fold_dir, resume, trainings)
+        if settings:
+            choices.append({**settings, "fold": test.name})
         result = fit_once(config, train_cases, val_cases, fold_dir, resume, trainings)
         record, key = fold_dir / "fold_rows.json", run_record_key(config, cases, test)
         fold = read_run_record(record, key, resume)
@@ -699,6 +701,8 @@ def crossvalidate(
         stage1_rows += fold["stage1_rows"]
     summary = summarise(rows)
     summary["lesions_validated"] = lesions_validated(rows)
+    if choices:
+        summary["inner_choices"] = choices
     write_table(rows, output_dir / "crossval")
     if stage1_rows:
         summary["stage1_alone"] = {"per_case": stage1_rows, "summary": summarise(stage1_rows)}
@@ -731,11 +735,15 @@ def crossvalidate_seeds(
         return crossvalidate(replace(config, seed=seeds[0]), output_dir, resume, folds, trainings)
     rows: list[dict] = []
     stage1_rows: list[dict] = []
+    choices: list[dict] = []
     for seed in seeds:
         seed_rows, seed_summary = crossvalidate(replace(config, seed=seed), output_dir / f"seed_{seed}", resume, folds, trainings)
         rows += [{**row, "seed": seed} for row in seed_rows]
         stage1_rows += [{**row, "seed": seed} for row in seed_summary.get("stage1_alone", {}).get("per_case", [])]
+        choices += [{**choice, "seed": seed} for choice in seed_summary.get("inner_choices", [])]
     summary = {**summarise(rows), **seed_spread(rows), "seeds": list(seeds), "lesions_validated": lesions_validated(rows)}
+    if choices:
+        summary["inner_choices"] = choices
     write_table(rows, output_dir / "crossval")
     if stage1_rows:
         summary["stage1_alone"] = {"per_case": stage1_rows, "summary": {**summarise(stage1_rows), **seed_spread(stage1_rows)}}
@@ -830,6 +838,28 @@ Summary: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in 
 """
 
 
+def scored_cell(chosen: str, scores: dict[str, float] | None) -> str:
+    """A chosen setting and every candidate's mean inner liver Dice, as a table cell."""
+    return chosen if not scores else f"{chosen} ({', '.join(f'{name}: {dice:.4f}' for name, dice in scores.items())})"
+
+
+def inner_choice_text(summary: dict) -> str:
+    """The table of RESULTS.md of what each fold's inner folds chose, with every candidate's figure: how far
+    apart the candidates lay (to set beside the seed-to-seed spread) is what a reader needs to trust a choice."""
+    choices = summary.get("inner_choices")
+    if not choices:
+        return ""
+    lines = ["| seed | held out | chosen on | gate margin (mm; mean inner liver Dice by margin) | graph cut (by cut) | lesions "
+             "(mean inner lesion Dice, false lesions per lesion-free inner liver) |", "|---|---|---|---|---|---|"]
+    for choice in choices:
+        gate = scored_cell(f"{choice['gate_margin_mm']:g}", choice.get("mean_liver_dice_by_gate_margin")) if "gate_margin_mm" in choice else "—"
+        cut = scored_cell(describe_graph_cut(choice["graph_cut"]), choice.get("mean_liver_dice_by_graph_cut")) if "graph_cut" in choice else "—"
+        lesions = (f"{describe_lesion_source(choice)}, minimum {choice['min_lesion_ml']:g} mL ({choice['mean_lesion_dice']:.3f}, "
+                   f"{choice['false_lesions_per_free_liver']:.2f})")
+        lines.append(f"| {choice.get('seed', '—')} | {choice['fold']} | {' '.join(choice['chosen_on'])} | {gate} | {cut} | {lesions} |")
+    return "What each fold's inner folds chose, and every candidate's figure on them:\n\n" + "\n".join(lines) + "\n\n"
+
+
 def write_results(rows: list[dict], summary: dict, path: Path, command: str) -> None:
     status = "validated (cross-validated lesion Dice ≥ 0.5 on every lesion case)" if summary.get("lesions_validated") else "EXPERIMENTAL (cross-validated lesion Dice below 0.5)"
     text = f"""# LiverSeg cross-validation results
@@ -860,11 +890,11 @@ livers are labelled without lesions, so every lesion found there is false; their
 a model-made label, not accuracy. The summary's means and worst cases are over the expert rows only; the
 validation cases' mean false lesions are given apart.
 
-{lesion_text(rows)}{seed_text(rows)}Command: `{command}`
+{lesion_text(rows)}{inner_choice_text(summary)}{seed_text(rows)}Command: `{command}`
 
 {format_table(rows)}
 
-Summary: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if k != "stage1_alone"})}
+Summary: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if k not in ("stage1_alone", "inner_choices")})}
 {stage1_text(summary)}
 Lesion output: {status}.
 """

@@ -319,6 +319,10 @@ def test_lesion_settings_chosen_on_inner_folds_without_the_test_patient(data_roo
     write_results(rows, summary, tmp_path / "cv" / "RESULTS.md", "test")
     results = (tmp_path / "cv" / "RESULTS.md").read_text(encoding="utf-8")
     assert LESION_SELECTION_RULE in results and "| lesion_threshold | min_lesion_ml | graph_cut | lesion_source | lesion_chosen_on |" in results
+    # Each fold's inner choice with every candidate's figure: the cut's "none" and "64/10" for the fold of small_a.
+    assert [choice["fold"] for choice in summary["inner_choices"]] == ["small_a", "small_b"]
+    dice_by_cut = summary["inner_choices"][0]["mean_liver_dice_by_graph_cut"]
+    assert f"| — | small_a | small_b small_c | — | {rows[0]['graph_cut']} (none: {dice_by_cut['none']:.4f}, 64/10: {dice_by_cut['64/10']:.4f}) | " in results
 
     card = read_card(train_final(config, tmp_path / "final", {"summary": summary}, trainings=trainings))
     trained_now = sorted(str(path.parent.relative_to(tmp_path)) for path in tmp_path.glob("final/**/history.json"))
