@@ -413,6 +413,33 @@ def test_inner_selection_needs_two_training_patients_and_a_known_mode(data_root,
         choose_lesion_settings(config, load_cases(config), tmp_path / "inner", resume=False)
 
 
+def test_run_records_read_back_only_under_their_key_when_resuming(tmp_path):
+    """A fold's stored rows come back as written (NaN and numpy scalars as Python's) only with --resume and
+    only for the same settings and patients: another seed, another pool or another held-out patient, and the
+    fold is evaluated again."""
+    import math
+    from dataclasses import replace
+
+    import numpy as np
+
+    from LiverSegTraining.runner import read_run_record, run_record_key, write_run_record
+    from LiverSegTraining.sources import Case
+
+    config = load_config(None, [])
+    cases = [Case(name, name, "test", label, False, "n/a", lambda: None) for name, label in (("a", "expert"), ("b", "expert"), ("c", "model"))]
+    key = run_record_key(config, cases, cases[0])
+    path = tmp_path / "fold_rows.json"
+    write_run_record(path, key, {"rows": [{"liver_dice": np.float32(0.5), "lesion_dice": float("nan"), "lesion_true_count": np.int64(3)}]})
+    row = read_run_record(path, key, resume=True)["rows"][0]
+    assert row["liver_dice"] == 0.5 and math.isnan(row["lesion_dice"]) and row["lesion_true_count"] == 3 and type(row["lesion_true_count"]) is int
+    assert read_run_record(path, key, resume=False) is None
+    assert read_run_record(tmp_path / "none.json", key, resume=True) is None
+    for other in (run_record_key(replace(config, seed=1), cases, cases[0]), run_record_key(config, cases[:2], cases[0]),
+                  run_record_key(config, cases, cases[1])):
+        assert read_run_record(path, other, resume=True) is None
+    assert not list(tmp_path.glob(".fold_rows.json*"))  # written atomically: no temporary left
+
+
 def test_seed_spread_and_table_by_hand():
     """Two seeds × two cases: per-seed mean liver Dice 0.90 and 0.80 → SD 0.0707…, range 0.10; the table
     gives each case's mean ± SD (lowest–highest); the lesion rule takes each case's mean over the seeds."""
