@@ -247,21 +247,34 @@ def run_record_key(config: TrainConfig, pool: list[Case], test: Case | None) -> 
     return {"config": repr(config), "pool": sorted(c.name for c in pool), "test": test.name if test else None}
 
 
+NON_FINITE = "non_finite_float"  # a run record's NaN or ±Infinity, strict JSON that reads back as the float it was
+
+
 def read_run_record(path: Path, key: dict, resume: bool) -> dict | None:
     """With ``resume``, what ``write_run_record`` stored at ``path`` under the same ``key``; else None. Why: a
     resumed run (a CPU run spans several starts) would otherwise choose each finished fold's settings and
     evaluate it again, minutes a fold, to the same figures."""
     if not resume or not path.is_file():
         return None
-    stored = json.loads(path.read_text(encoding="utf-8"))
+    stored = json.loads(path.read_text(encoding="utf-8"), object_hook=lambda item: float(item[NON_FINITE]) if item.keys() == {NON_FINITE} else item)
     return stored["value"] if stored.get("key") == key else None
 
 
+def numpy_scalar_as_python(item: object) -> object:
+    """``json.dumps``' ``default`` for run records: a numpy scalar as Python's; anything else is an error, not a string."""
+    if isinstance(item, np.generic):
+        return item.item()
+    raise TypeError(f"a run record cannot hold {type(item).__name__}")
+
+
 def write_run_record(path: Path, key: dict, value: dict) -> None:
-    """``value`` (rows or chosen settings: NaN kept, as Python's json writes it) stored atomically under ``key``."""
-    text = json.dumps({"key": key, "value": value}, default=lambda item: item.item() if isinstance(item, np.generic) else str(item))
+    """``value`` (rows or chosen settings) stored atomically under ``key`` as strict JSON. Unlike the tables'
+    ``write_strict_json`` (NaN as null) a figure never measured (NaN) stays apart from one that does not apply
+    (None): each reads back as it was. Numpy scalars are written as Python's."""
+    text = json.dumps({"key": key, "value": value}, default=numpy_scalar_as_python)
+    tagged = json.loads(text, parse_constant=lambda token: {NON_FINITE: token})  # the tokens NaN, Infinity, -Infinity only
     with atomic_output(path, ".json") as temporary:
-        Path(temporary).write_text(text + "\n", encoding="utf-8")
+        Path(temporary).write_text(json.dumps(tagged, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def fit_once(config: TrainConfig, train_cases: list[Case], val_cases: list[Case], output_dir: Path, resume: bool, trainings: Trainings) -> TrainResult:

@@ -414,7 +414,7 @@ def test_inner_selection_needs_two_training_patients_and_a_known_mode(data_root,
 
 
 def test_run_records_read_back_only_under_their_key_when_resuming(tmp_path):
-    """A fold's stored rows come back as written (NaN and numpy scalars as Python's) only with --resume and
+    """A fold's stored rows (strict JSON) come back as written (NaN, None, numpy scalars as Python's) only with --resume and
     only for the same settings and patients: another seed, another pool or another held-out patient, and the
     fold is evaluated again."""
     import math
@@ -429,9 +429,14 @@ def test_run_records_read_back_only_under_their_key_when_resuming(tmp_path):
     cases = [Case(name, name, "test", label, False, "n/a", lambda: None) for name, label in (("a", "expert"), ("b", "expert"), ("c", "model"))]
     key = run_record_key(config, cases, cases[0])
     path = tmp_path / "fold_rows.json"
-    write_run_record(path, key, {"rows": [{"liver_dice": np.float32(0.5), "lesion_dice": float("nan"), "lesion_true_count": np.int64(3)}]})
+    write_run_record(path, key, {"rows": [{"liver_dice": np.float32(0.5), "lesion_dice": float("nan"), "lesion_true_count": np.int64(3),
+                                           "lesion_assd_mm": None, "lesion_hd95_mm": float("inf")}]})
+    json.loads(path.read_text(encoding="utf-8"), parse_constant=lambda token: pytest.fail(f"not strict JSON: {token}"))
     row = read_run_record(path, key, resume=True)["rows"][0]
     assert row["liver_dice"] == 0.5 and math.isnan(row["lesion_dice"]) and row["lesion_true_count"] == 3 and type(row["lesion_true_count"]) is int
+    assert row["lesion_assd_mm"] is None and row["lesion_hd95_mm"] == float("inf")  # not measured stays apart from not applicable
+    with pytest.raises(TypeError, match="cannot hold PosixPath"):
+        write_run_record(tmp_path / "other.json", key, {"rows": [{"folder": tmp_path}]})
     assert read_run_record(path, key, resume=False) is None
     assert read_run_record(tmp_path / "none.json", key, resume=True) is None
     for other in (run_record_key(replace(config, seed=1), cases, cases[0]), run_record_key(config, cases[:2], cases[0]),
