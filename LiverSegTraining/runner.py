@@ -268,13 +268,10 @@ def numpy_scalar_as_python(item: object) -> object:
 
 
 def write_run_record(path: Path, key: dict, value: dict) -> None:
-    """``value`` (rows or chosen settings) stored atomically under ``key`` as strict JSON. Unlike the tables'
-    ``write_strict_json`` (NaN as null) a figure never measured (NaN) stays apart from one that does not apply
-    (None): each reads back as it was. Numpy scalars are written as Python's."""
-    text = json.dumps({"key": key, "value": value}, default=numpy_scalar_as_python)
-    tagged = json.loads(text, parse_constant=lambda token: {NON_FINITE: token})  # the tokens NaN, Infinity, -Infinity only
-    with atomic_output(path, ".json") as temporary:
-        Path(temporary).write_text(json.dumps(tagged, allow_nan=False) + "\n", encoding="utf-8")
+    """``value`` (rows or chosen settings) stored atomically under ``key`` as strict JSON. Unlike the tables
+    (NaN as null) a figure never measured (NaN) stays apart from one that does not apply (None): each reads
+    back as it was. Numpy scalars are written as Python's."""
+    write_strict_json({"key": key, "value": value}, path, non_finite=lambda token: {NON_FINITE: token}, default=numpy_scalar_as_python)
 
 
 def fit_once(config: TrainConfig, train_cases: list[Case], val_cases: list[Case], output_dir: Path, resume: bool, trainings: Trainings) -> TrainResult:

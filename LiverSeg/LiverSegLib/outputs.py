@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,26 +30,29 @@ OUTPUT_SUFFIXES = (SEG_NRRD_SUFFIX,) + LABEL_SUFFIXES
 REPORT_SUFFIXES = (".json", ".md")
 
 
-def nan_as_null(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, ±Infinity), at any depth, replaced by None.
+def nan_as_null(value: Any, non_finite: Callable[[str], Any] = lambda _token: None, default: Callable[[Any], Any] | None = None) -> Any:
+    """``value`` with every non-finite float (NaN, ±Infinity), at any depth, replaced by None, or by what
+    ``non_finite`` makes of its token ("NaN", "Infinity", "-Infinity"); ``default`` is ``json.dumps``' for
+    objects JSON cannot hold.
 
     A round trip through ``json``: its encoder writes the non-finite floats as the tokens NaN, Infinity and
-    -Infinity, exactly the ones ``parse_constant`` is called for, so nothing else can be turned into None.
+    -Infinity, exactly the ones ``parse_constant`` is called for, so nothing else can be replaced.
     """
-    return json.loads(json.dumps(value), parse_constant=lambda _token: None)
+    return json.loads(json.dumps(value, default=default), parse_constant=non_finite)
 
 
-def strict_json(value: Any) -> str:
-    """Indented JSON that any reader loads (jq, JavaScript): a figure never measured is ``null``, not NaN;
-    ``allow_nan=False`` makes a missed non-finite value an error instead of invalid JSON."""
-    return json.dumps(nan_as_null(value), indent=1, allow_nan=False)
+def strict_json(value: Any, non_finite: Callable[[str], Any] = lambda _token: None, default: Callable[[Any], Any] | None = None) -> str:
+    """Indented JSON that any reader loads (jq, JavaScript): a figure never measured is ``null``, not NaN
+    (unless ``non_finite`` says otherwise; see ``nan_as_null``); ``allow_nan=False`` makes a missed non-finite
+    value an error instead of invalid JSON."""
+    return json.dumps(nan_as_null(value, non_finite, default), indent=1, allow_nan=False)
 
 
-def write_strict_json(value: Any, path: str | os.PathLike) -> Path:
-    """``strict_json`` written atomically (the model card, reports, training histories and tables)."""
+def write_strict_json(value: Any, path: str | os.PathLike, non_finite: Callable[[str], Any] = lambda _token: None, default: Callable[[Any], Any] | None = None) -> Path:
+    """``strict_json`` written atomically (the model card, reports, training histories and tables, run records)."""
     path = Path(path)
     with atomic_output(path, ".json") as temporary:
-        Path(temporary).write_text(strict_json(value) + "\n", encoding="utf-8")
+        Path(temporary).write_text(strict_json(value, non_finite, default) + "\n", encoding="utf-8")
     return path
 
 
