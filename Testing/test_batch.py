@@ -214,7 +214,10 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_goes_on(tmp_path, data_root):
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it: exit 130, the finished case kept
     and in the summary, nothing half-written; the rerun does the rest and skips the finished one."""
     out, command = small_first_cohort(tmp_path, data_root, "a_small")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # As from a terminal: SIGINT at its default, which a launcher without job control (``cmd &`` in a script)
+    # would have left ignored, and Python keeps a SIGINT it inherits ignored.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = process.stderr.readline()
         assert first.startswith("[1/3] a_small: done"), first
