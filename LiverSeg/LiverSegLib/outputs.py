@@ -30,7 +30,12 @@ OUTPUT_SUFFIXES = (SEG_NRRD_SUFFIX,) + LABEL_SUFFIXES
 REPORT_SUFFIXES = (".json", ".md")
 
 
-def nan_as_null(value: Any, non_finite: Callable[[str], Any] = lambda _token: None, default: Callable[[Any], Any] | None = None) -> Any:
+def as_null(_token: str) -> None:
+    """A non-finite float's replacement in the tables, reports and cards: null, a figure never measured."""
+    return None
+
+
+def nan_as_null(value: Any, non_finite: Callable[[str], Any] = as_null, default: Callable[[Any], Any] | None = None) -> Any:
     """``value`` with every non-finite float (NaN, ±Infinity), at any depth, replaced by None, or by what
     ``non_finite`` makes of its token ("NaN", "Infinity", "-Infinity"); ``default`` is ``json.dumps``' for
     objects JSON cannot hold.
@@ -41,14 +46,14 @@ def nan_as_null(value: Any, non_finite: Callable[[str], Any] = lambda _token: No
     return json.loads(json.dumps(value, default=default), parse_constant=non_finite)
 
 
-def strict_json(value: Any, non_finite: Callable[[str], Any] = lambda _token: None, default: Callable[[Any], Any] | None = None) -> str:
+def strict_json(value: Any, non_finite: Callable[[str], Any] = as_null, default: Callable[[Any], Any] | None = None) -> str:
     """Indented JSON that any reader loads (jq, JavaScript): a figure never measured is ``null``, not NaN
     (unless ``non_finite`` says otherwise; see ``nan_as_null``); ``allow_nan=False`` makes a missed non-finite
     value an error instead of invalid JSON."""
     return json.dumps(nan_as_null(value, non_finite, default), indent=1, allow_nan=False)
 
 
-def write_strict_json(value: Any, path: str | os.PathLike, non_finite: Callable[[str], Any] = lambda _token: None, default: Callable[[Any], Any] | None = None) -> Path:
+def write_strict_json(value: Any, path: str | os.PathLike, non_finite: Callable[[str], Any] = as_null, default: Callable[[Any], Any] | None = None) -> Path:
     """``strict_json`` written atomically (the model card, reports, training histories and tables, run records)."""
     path = Path(path)
     with atomic_output(path, ".json") as temporary:
